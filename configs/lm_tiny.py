@@ -1,0 +1,14 @@
+"""A tiny byte-level transformer LM on the embedded corpus: a few minutes on a 2-core CPU."""
+
+from pretrain.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384)
+    c.data.seq_len = 128
+    c.train.update(steps=600, global_batch_size=16, log_every=20, eval_every=200, eval_batches=4)
+    c.optim.lr = 3e-3
+    c.schedule.update(kind='wsd', warmup_steps=50, decay_steps=120, decay_shape='1-sqrt')
+    c.checkpoint.update(every_steps=200, keep_last=2)
+    return c

@@ -1,0 +1,136 @@
+"""Shared blocks. Every parameter carries its logical axes and its muP role as metadata.
+
+Roles (see pretrain/parametrization rules): 'embedding' (input-like, width on the output),
+'hidden' (width on both sides), 'readout' (width on the input), 'vector' (gains, biases).
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain.mesh import constrain
+
+ROLES = ('embedding', 'hidden', 'readout', 'vector')
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str | None],
+          role: str, dtype: str = 'float32') -> nnx.Param:
+    """A parameter tagged with its logical axes and role (read by sharding and muP)."""
+    assert len(axes) == len(shape), (shape, axes)
+    assert role in ROLES, role
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)), axes=tuple(axes), role=role)
+
+
+def normal(std: float) -> Init:
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def ones(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation with a learned gain, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: str, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), ('norm',), 'vector', param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BLHK: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding on the last axis (pairs are (i, i + K/2))."""
+    half = x_BLHK.shape[-1] // 2
+    freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_LK = positions_L[:, None].astype(jnp.float32) * freq_K[None, :]
+    sin, cos = jnp.sin(angle_LK)[None, :, None, :], jnp.cos(angle_LK)[None, :, None, :]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHK.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE; softmax in float32."""
+
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
+                 init_std: float, param_dtype: str, rngs: nnx.Rngs):
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.rope_theta = rope_theta
+        self.logit_scale = self.head_dim ** -0.5
+        init = normal(init_std)
+        K = self.head_dim
+        self.wq = param(rngs, init, (d_model, n_heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wk = param(rngs, init, (d_model, n_kv_heads, K), ('embed', 'kv_heads', 'head_dim'), 'hidden', param_dtype)
+        self.wv = param(rngs, init, (d_model, n_kv_heads, K), ('embed', 'kv_heads', 'head_dim'), 'hidden', param_dtype)
+        self.wo = param(rngs, init, (n_heads, K, d_model), ('heads', 'head_dim', 'embed'), 'hidden', param_dtype)
+
+    def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+        dt = x_BLD.dtype
+        q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt))
+        k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, self.wk[...].astype(dt))
+        v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, self.wv[...].astype(dt))
+        q_BLHK = constrain(rope(q_BLHK, positions_L, self.rope_theta),
+                           ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+        k_BLGK = constrain(rope(k_BLGK, positions_L, self.rope_theta),
+                           ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+        v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+
+        B, L, H, K = q_BLHK.shape
+        G = self.n_kv_heads
+        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)   # R query heads share each kv head
+        logits_BGRLM = jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BLGK,
+                                  preferred_element_type=jnp.float32) * self.logit_scale
+        causal_LM = positions_L[:, None] >= positions_L[None, :]
+        logits_BGRLM = jnp.where(causal_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
+        probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)
+        out_BLGRK = jnp.einsum('bgrlm,bmgk->blgrk', probs_BGRLM, v_BLGK)
+        out_BLHK = constrain(out_BLGRK.reshape(B, L, H, K),
+                             ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+        return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP: down(silu(x W_gate) * x W_up)."""
+
+    def __init__(self, *, d_model: int, d_ff: int, init_std: float, param_dtype: str, rngs: nnx.Rngs):
+        init = normal(init_std)
+        self.w_gate = param(rngs, init, (d_model, d_ff), ('embed', 'mlp'), 'hidden', param_dtype)
+        self.w_up = param(rngs, init, (d_model, d_ff), ('embed', 'mlp'), 'hidden', param_dtype)
+        self.w_down = param(rngs, init, (d_ff, d_model), ('mlp', 'embed'), 'hidden', param_dtype)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        dt = x_BLD.dtype
+        gate_BLF = jnp.einsum('bld,df->blf', x_BLD, self.w_gate[...].astype(dt))
+        up_BLF = jnp.einsum('bld,df->blf', x_BLD, self.w_up[...].astype(dt))
+        h_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ('act_batch', 'act_length', 'act_mlp'))
+        return jnp.einsum('blf,fd->bld', h_BLF, self.w_down[...].astype(dt))
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [vocab, embed]; can also act as a tied readout."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, init_std: float, param_dtype: str,
+                 rngs: nnx.Rngs):
+        self.table = param(rngs, normal(init_std), (vocab_size, d_model), ('vocab', 'embed'),
+                           'embedding', param_dtype)
+
+    def __call__(self, tokens_BL: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.table[...], tokens_BL, axis=0).astype(dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        return jnp.einsum('bld,vd->blv', x_BLD, self.table[...].astype(x_BLD.dtype))

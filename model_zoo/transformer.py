@@ -1,0 +1,114 @@
+"""Decoder-only language model: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from model_zoo.family import FAMILIES, Batch, Family
+from model_zoo.layers import REMAT_POLICIES, Attention, Embedding, RMSNorm, SwiGLU, normal, param
+from pretrain.errors import ConfigError, check_choice
+from pretrain.mesh import constrain
+
+ACT_BLD = ('act_batch', 'act_length', 'act_embed')
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        common = dict(init_std=m.init_std, param_dtype=m.param_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
+        self.attn = Attention(d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                              rope_theta=m.rope_theta, **common)
+        self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
+        self.mlp = SwiGLU(d_model=m.d_model, d_ff=m.d_ff, **common)
+
+    def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+        x_BLD = constrain(x_BLD + self.attn(self.attn_norm(x_BLD), positions_L), ACT_BLD)
+        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
+
+
+class Transformer(nnx.Module):
+    """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.compute_dtype = jnp.dtype(m.compute_dtype)
+        self.remat_policy = m.remat
+        self.embed = Embedding(vocab_size=m.vocab_size, d_model=m.d_model, init_std=m.init_std,
+                               param_dtype=m.param_dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(m, rngs) for _ in range(m.n_layers)])
+        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
+        self.head = None if m.tie_embeddings else param(
+            rngs, normal(m.init_std), (m.d_model, m.vocab_size), ('embed', 'vocab'), 'readout',
+            m.param_dtype)
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        positions_L = jnp.arange(tokens_BL.shape[1])
+        x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype), ACT_BLD)
+        block_fn = Block.__call__
+        if self.remat_policy != 'none':
+            block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat_policy])
+        for block in self.blocks:
+            x_BLD = block_fn(block, x_BLD, positions_L)
+        x_BLD = self.final_norm(x_BLD)
+        if self.head is None:
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
+        return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+
+
+def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy (nats) over the batch."""
+    logits_BLV = model(batch['inputs'])
+    nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
+    loss = jnp.mean(nll_BL)
+    return loss, {'loss': loss}
+
+
+def matmul_params(m) -> int:
+    """Parameters that take part in a matmul per token (excludes the embedding lookup)."""
+    head_dim = m.d_model // m.n_heads
+    attn = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    mlp = 3 * m.d_model * m.d_ff
+    return m.n_layers * (attn + mlp) + m.d_model * m.vocab_size
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token: 6 N for the matmuls plus 12 * layers * L * d for attention."""
+    m = cfg.model
+    attention = 12 * m.n_layers * cfg.data.seq_len * m.d_model
+    return 6.0 * matmul_params(m) + attention
+
+
+def validate(cfg, axes: dict[str, int]) -> None:
+    """Shape checks against the mesh; every message names the key and the constraint."""
+    m = cfg.model
+    check_choice('model.compute_dtype', m.compute_dtype, ('float32', 'bfloat16'))
+    check_choice('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
+    check_choice('model.remat', m.remat, tuple(REMAT_POLICIES))
+    for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
+        if int(m[key]) < 1:
+            raise ConfigError(f'model.{key}={m[key]} must be a positive integer')
+    if m.d_model % m.n_heads:
+        raise ConfigError(f'model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}')
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f'head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE')
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f'model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}')
+    tensor = axes['tensor']
+    for key in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+        if m[key] % tensor:
+            raise ConfigError(f'model.{key}={m[key]} must be divisible by the tensor axis size {tensor}')
+    if m.d_model % axes['fsdp']:
+        raise ConfigError(f'model.d_model={m.d_model} must be divisible by the fsdp axis size {axes["fsdp"]}')
+
+
+FAMILIES.register('transformer')(Family(
+    build=lambda cfg, rngs: Transformer(cfg.model, rngs),
+    loss=lm_loss,
+    flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
+    tokens_per_example=lambda cfg: cfg.data.seq_len,
+    validate=validate,
+))

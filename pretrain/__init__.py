@@ -1,0 +1,1 @@
+"""A JAX-first pretraining library: sharded trainer, schedules, checkpoints, metrics."""

@@ -1,0 +1,181 @@
+"""Config schema, defaults and validation.
+
+A config file (configs/*.py) defines `get_config()` that starts from `base_config()` and
+changes values; every key a run may use exists here, so the dict is locked and a typo is an
+error. `validate` checks the whole config against the device count before any compute.
+"""
+
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+from pretrain.errors import ConfigError, check_choice
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
+DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'dots')
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run can set, with defaults that train a tiny LM on the embedded corpus."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = dict(
+        family='transformer',
+        vocab_size=320,            # >= the tokenizer's vocabulary; divisible by the tensor axis
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,              # grouped-query attention when < n_heads
+        d_ff=384,                  # SwiGLU hidden size
+        rope_theta=10_000.0,
+        norm_eps=1e-6,
+        tie_embeddings=False,
+        init_std=0.02,
+        param_dtype='float32',
+        compute_dtype='float32',   # 'bfloat16' for mixed precision
+        remat='none',              # 'none' | 'full' | 'dots'
+    )
+
+    c.data = dict(
+        source='stdlib',           # 'stdlib' | 'text_files' | 'tfds'
+        seq_len=128,
+        tokenizer='bytes',         # 'bytes' | 'sentencepiece'
+        tokenizer_path='',         # SentencePiece .model file
+        text_dir='',               # folder of text files (source='text_files')
+        tfds_name='',              # registered TFDS builder name (source='tfds')
+        tfds_data_dir='',
+        tfds_train_split='train',
+        tfds_eval_split='validation',
+        tfds_text_key='text',
+        eval_percent=2,            # percent of files held out, chosen by a hash of the path
+        max_files=0,               # 0 = all files; small values make quick tests
+        cache_dir='',              # tokenized-stream cache; '' = no on-disk cache
+    )
+
+    c.train = dict(
+        steps=500,
+        global_batch_size=16,      # sequences per optimizer step, over all devices
+        grad_accum_steps=1,        # micro-batches per step
+        log_every=10,
+        eval_every=100,            # 0 = never
+        eval_batches=4,
+    )
+
+    c.optim = dict(
+        name='adamw',
+        lr=3e-3,                   # peak learning rate
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,             # global-norm clip; 0 = off
+    )
+
+    c.schedule = dict(
+        kind='wsd',                # 'constant' | 'cosine' | 'linear' | 'wsd'
+        warmup_steps=50,
+        total_steps=-1,            # -1 = train.steps, resolved to an absolute number
+        decay_steps=100,           # length of the WSD decay phase
+        decay_shape='1-sqrt',      # WSD decay: 'linear' | 'cosine' | '1-sqrt'
+        min_lr_ratio=0.0,          # floor = lr * min_lr_ratio
+        allow_resume_change=False,  # resuming with a schedule unlike the checkpoint's is an error
+    )
+
+    c.checkpoint = dict(
+        every_steps=100,
+        keep_last=3,
+        keep_every=0,              # also keep every K-th step forever; 0 = off
+        async_save=True,
+    )
+
+    c.mesh = dict(
+        ici=dict(data=-1, fsdp=1, tensor=1, sequence=1),   # -1 = the remaining devices
+        dcn=dict(data=1, fsdp=1, tensor=1, sequence=1),    # across processes/slices
+        rules=(),                  # overrides of the logical-axis rules: ((name, mesh_axes), ...)
+    )
+
+    c.metrics = dict(
+        peak_flops_per_device=0.0,  # 0 = look up the accelerator, or measure a matmul on CPU
+        tensorboard=True,
+    )
+    c.lock()  # changing values is fine; adding a key (a typo) is an error
+    return c
+
+
+def _positive(key: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f'{key}={value!r} must be an integer >= {minimum}')
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: int = 1,
+             process_count: int = 1) -> dict[str, int]:
+    """Checks the whole config against the devices; returns the mesh axis sizes (ici x dcn).
+
+    Raises ConfigError naming the key, the value and what is allowed. Reads no data and
+    computes nothing, so a bad config fails in seconds.
+    """
+    from model_zoo import FAMILIES  # the registry imports the families, which import pretrain
+    from pretrain import data, mesh, optim, schedules
+
+    family = FAMILIES.get(cfg.model.family, 'model.family')
+    ici, dcn = mesh.mesh_shape(cfg.mesh, num_devices, num_granules)
+    mesh.merge_rules(cfg.mesh.rules)
+    axes = {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+    t = cfg.train
+    for key in ('steps', 'global_batch_size', 'grad_accum_steps', 'log_every', 'eval_batches'):
+        _positive(f'train.{key}', t[key])
+    _positive('train.eval_every', t.eval_every, 0)
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by '
+                          f'train.grad_accum_steps={t.grad_accum_steps}')
+    micro = t.global_batch_size // t.grad_accum_steps
+    data_parallel = axes['data'] * axes['fsdp']
+    if micro % data_parallel:
+        raise ConfigError(
+            f'train.global_batch_size={t.global_batch_size} / grad_accum_steps={t.grad_accum_steps} '
+            f'= {micro} sequences per micro-batch must be divisible by the data-parallel size '
+            f'data*fsdp = {axes["data"]}*{axes["fsdp"]} = {data_parallel}')
+    if t.global_batch_size % process_count:
+        raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by the '
+                          f'number of processes ({process_count})')
+
+    _positive('data.seq_len', cfg.data.seq_len)
+    if cfg.data.seq_len % axes['sequence']:
+        raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be divisible by the sequence '
+                          f'axis size {axes["sequence"]}')
+    if family.data == 'text':
+        data.check_data_config(cfg.data)
+        vocab = data.make_tokenizer(cfg.data).vocab_size
+        if cfg.model.vocab_size < vocab:
+            raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
+                              f'{cfg.data.tokenizer!r} tokenizer vocabulary ({vocab})')
+
+    optim.validate(cfg.optim)
+    schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
+    c = cfg.checkpoint
+    _positive('checkpoint.every_steps', c.every_steps)
+    _positive('checkpoint.keep_last', c.keep_last)
+    _positive('checkpoint.keep_every', c.keep_every, 0)
+    if cfg.metrics.peak_flops_per_device < 0:
+        raise ConfigError(f'metrics.peak_flops_per_device={cfg.metrics.peak_flops_per_device} '
+                          'must be >= 0 (0 = automatic)')
+    family.validate(cfg, axes)
+    return axes
+
+
+def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A locked copy with derived values made absolute (e.g. schedule.total_steps)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if cfg.schedule.total_steps == -1:
+        cfg.schedule.total_steps = cfg.train.steps
+    cfg.lock()
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

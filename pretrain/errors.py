@@ -1,0 +1,21 @@
+"""The one error type a user sees for bad configuration or input."""
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A config or input value that cannot work; raised before any compute."""
+
+
+def check_choice(key: str, value: object, allowed: Iterable[object]) -> None:
+    """Raises ConfigError naming `key`, the bad `value` and the allowed values."""
+    allowed = list(allowed)
+    if value in allowed:
+        return
+    hint = ''
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
+        if close:
+            hint = f' Did you mean {close[0]!r}?'
+    raise ConfigError(f'{key}={value!r} is not allowed; choose one of {allowed}.{hint}')

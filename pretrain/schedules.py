@@ -1,0 +1,234 @@
+"""Learning-rate schedules as data: a `ScheduleSpec` with absolute step counts, made into a
+jit-traceable function of the optimizer step.
+
+Step convention: `schedule(step)` is the LR used by the optimizer update with 0-based counter
+`step`, i.e. the update that turns the state after `step` updates into the one after `step + 1`.
+
+Warmup convention: for step < warmup_steps, lr = peak * (step + 1) / warmup_steps, so the first
+update already moves the weights (no wasted update at lr 0) and the last warmup update,
+step = warmup_steps - 1, uses the full peak. warmup_steps = 0 means no warmup.
+
+Decay convention: the decay starts at `decay_start` with lr = peak and reaches the floor
+(peak * min_lr_ratio) at step = total_steps; later steps stay at the floor. Symmetric with the
+warmup, the last update of a run of total_steps updates (step total_steps - 1) is just above it.
+
+Steps are absolute, never fractions of the run: a fraction would make a branch or an extension
+of the run change the LR of steps already taken.
+"""
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pretrain.errors import ConfigError, check_choice
+from pretrain.registry import Registry
+
+# A decay shape maps progress p in [0, 1] through the decay to the fraction of (peak - floor)
+# still left: 1 at p = 0, 0 at p = 1.
+DecayShape = Callable[[jax.Array], jax.Array]
+DECAY_SHAPES: Registry[DecayShape] = Registry('decay shape')
+
+
+@DECAY_SHAPES.register('linear')
+def _linear(p: jax.Array) -> jax.Array:
+    return 1.0 - p
+
+
+@DECAY_SHAPES.register('cosine')
+def _cosine(p: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+
+
+@DECAY_SHAPES.register('1-sqrt')
+def _one_minus_sqrt(p: jax.Array) -> jax.Array:
+    return 1.0 - jnp.sqrt(p)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleKind:
+    """Where a kind's decay starts (None: it never decays), which shape it uses, extra checks.
+
+    Every kind is warmup -> peak -> decay to the floor at total_steps -> floor, so a new kind
+    only has to place its decay.
+    """
+
+    decay_start: Callable[['ScheduleSpec'], int | None]
+    decay_shape: Callable[['ScheduleSpec'], str]
+    validate: Callable[['ScheduleSpec'], None] = lambda spec: None
+
+
+SCHEDULES: Registry[ScheduleKind] = Registry('schedule kind')
+
+
+def _check_wsd(spec: 'ScheduleSpec') -> None:
+    if spec.decay_steps < 1:
+        raise ConfigError(
+            f'schedule.decay_steps={spec.decay_steps!r} is out of range; wsd needs '
+            f'1 <= decay_steps <= total_steps - warmup_steps = '
+            f'{spec.total_steps - spec.warmup_steps}.')
+    if spec.warmup_steps + spec.decay_steps > spec.total_steps:
+        raise ConfigError(
+            f'schedule.decay_steps={spec.decay_steps!r} is out of range: warmup_steps '
+            f'({spec.warmup_steps}) + decay_steps must be <= total_steps ({spec.total_steps}), '
+            f'so decay_steps <= {spec.total_steps - spec.warmup_steps}.')
+
+
+SCHEDULES.register('constant')(ScheduleKind(
+    decay_start=lambda spec: None, decay_shape=lambda spec: 'linear'))
+SCHEDULES.register('cosine')(ScheduleKind(
+    decay_start=lambda spec: spec.warmup_steps, decay_shape=lambda spec: 'cosine'))
+SCHEDULES.register('linear')(ScheduleKind(
+    decay_start=lambda spec: spec.warmup_steps, decay_shape=lambda spec: 'linear'))
+SCHEDULES.register('wsd')(ScheduleKind(
+    decay_start=lambda spec: spec.total_steps - spec.decay_steps,
+    decay_shape=lambda spec: spec.decay_shape,
+    validate=_check_wsd))
+
+
+def _as_steps(key: str, value: Any) -> int:
+    """An int >= 0; integral floats (1e3 from a command line) are accepted."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ConfigError(f'{key}={value!r} must be an integer >= 0.') from None
+    if value < 0:
+        raise ConfigError(f'{key}={value!r} is negative; it must be an integer >= 0.')
+    return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}={value!r} must be a number.')
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{key}={value!r} must be a number.') from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule with absolute step counts; validated on construction."""
+
+    kind: str
+    peak: float
+    warmup_steps: int
+    total_steps: int
+    decay_steps: int = 0            # wsd only: length of the final decay
+    decay_shape: str = 'linear'     # wsd only
+    min_lr_ratio: float = 0.0       # floor = peak * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        # Normalise types so to_dict/from_dict and equality see one representation.
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_('peak', _as_float('optim.lr', self.peak))
+        set_('min_lr_ratio', _as_float('schedule.min_lr_ratio', self.min_lr_ratio))
+        for name in ('warmup_steps', 'total_steps', 'decay_steps'):
+            set_(name, _as_steps(f'schedule.{name}', getattr(self, name)))
+        kind = SCHEDULES.get(self.kind, key='schedule.kind')
+        check_choice('schedule.decay_shape', self.decay_shape, DECAY_SHAPES.names())
+        if not (self.peak > 0 and math.isfinite(self.peak)):
+            raise ConfigError(f'optim.lr={self.peak!r} is out of range; the peak learning rate '
+                              f'must be finite and > 0.')
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f'schedule.min_lr_ratio={self.min_lr_ratio!r} is out of range; '
+                              f'it must be in [0, 1].')
+        if self.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f'schedule.warmup_steps={self.warmup_steps!r} is out of range; it must be '
+                f'<= total_steps ({self.total_steps}).')
+        kind.validate(self)
+
+    @property
+    def floor(self) -> float:
+        return self.peak * self.min_lr_ratio
+
+    @property
+    def decay_start(self) -> int | None:
+        """First step of the decay (lr = peak there); None for a schedule that never decays."""
+        return SCHEDULES.get(self.kind).decay_start(self)
+
+    def stable_phase(self, step: int) -> bool:
+        """True iff `step` is past warmup and before the decay: a point to branch a cooldown."""
+        start = self.decay_start
+        return step >= self.warmup_steps and (start is None or step < start)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; `from_dict` inverts it exactly."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'ScheduleSpec':
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f'schedule spec has unknown keys {unknown}; known: {sorted(fields)}.')
+        return cls(**d)
+
+
+def make_schedule(spec: ScheduleSpec) -> Callable[[jax.Array | int], jax.Array]:
+    """The float32 LR as a jit-traceable function of the 0-based optimizer step."""
+    peak, floor = spec.peak, spec.floor
+    warmup, total = spec.warmup_steps, spec.total_steps
+    start = spec.decay_start
+    shape = DECAY_SHAPES.get(SCHEDULES.get(spec.kind).decay_shape(spec))
+
+    def schedule(step: jax.Array | int) -> jax.Array:
+        # float32 holds every integer step exactly up to 2**24, far beyond any run here.
+        t = jnp.asarray(step).astype(jnp.float32)
+        lr = jnp.full_like(t, peak)
+        if start is not None:
+            length = total - start
+            if length > 0:
+                p = jnp.clip((t - start) / length, 0.0, 1.0)
+                lr = floor + (peak - floor) * shape(p)
+            else:
+                # Warmup ends exactly at total_steps: nothing to decay through.
+                lr = jnp.where(t >= start, jnp.float32(floor), lr)
+        if warmup > 0:
+            lr = jnp.where(t < warmup, peak * (t + 1.0) / warmup, lr)
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def spec_from_config(schedule_cfg: Any, lr: float, train_steps: int) -> ScheduleSpec:
+    """Builds a validated spec from `config.schedule`, `optim.lr` and `train.steps`."""
+    get = lambda key, default: schedule_cfg.get(key, default)
+    total = get('total_steps', -1)
+    if total == -1:
+        total = _as_steps('train.steps', train_steps)
+    elif isinstance(total, (int, float)) and not isinstance(total, bool) and total < 0:
+        raise ConfigError(f'schedule.total_steps={total!r} is negative; use an integer >= 0, '
+                          f'or -1 for train.steps.')
+    return ScheduleSpec(
+        kind=get('kind', 'constant'),
+        peak=lr,
+        warmup_steps=get('warmup_steps', 0),
+        total_steps=total,
+        decay_steps=get('decay_steps', 0),
+        decay_shape=get('decay_shape', 'linear'),
+        min_lr_ratio=get('min_lr_ratio', 0.0),
+    )
+
+
+def describe(spec: ScheduleSpec) -> str:
+    """One line for logs."""
+    head = f'{spec.kind} lr: peak {spec.peak:g}, warmup {spec.warmup_steps} steps'
+    if spec.kind == 'constant':
+        return f'{head}, then constant'
+    start = spec.decay_start
+    if spec.kind == 'wsd':
+        body = (f', stable to step {start}, {spec.decay_shape} decay over '
+                f'{spec.decay_steps} steps')
+    else:
+        body = f', {SCHEDULES.get(spec.kind).decay_shape(spec)} decay from step {start}'
+    return f'{head}{body} to floor {spec.floor:g} at step {spec.total_steps}'

@@ -1,0 +1,110 @@
+"""Train state and its sharded creation (abstract first; never a full copy on one host)."""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pretrain import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32: optimizer updates done
+    params: Any              # pure nested dict of arrays
+    opt_state: Any
+    rng: jax.Array           # uint32[2] raw PRNG key, for stochastic layers and sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """What a parameter says about itself: logical axes and muP role (a pytree leaf)."""
+
+    axes: tuple[str | None, ...]
+    role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static half of a model: rebuilds the nnx module from a pure params dict."""
+
+    graphdef: Any
+    skeleton: Any            # abstract nnx.State with the variables' metadata
+    info: Any                # pure dict of ParamInfo, same structure as params
+    shapes: Any              # pure dict of jax.ShapeDtypeStruct
+
+    def merge(self, params) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self.skeleton)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+def model_def(build, cfg) -> ModelDef:
+    """Traces the model constructor abstractly (no compute, no memory)."""
+    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
+    graphdef, skeleton = nnx.split(model)
+    info, shapes = {}, {}
+    flat = list(nnx.to_flat_state(skeleton))
+    for path, var in flat:
+        if not isinstance(var, nnx.Param):
+            raise TypeError(f'{"/".join(map(str, path))} is a {type(var).__name__}; the trainer '
+                            'expects only nnx.Param state in a model')
+        meta = var.get_metadata()
+        _set(info, path, ParamInfo(tuple(meta['axes']), meta['role']))
+        _set(shapes, path, jax.ShapeDtypeStruct(var.shape, var.dtype))
+    return ModelDef(graphdef, skeleton, info, shapes)
+
+
+def _set(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def param_count(md: ModelDef) -> int:
+    return sum(x.size for x in jax.tree.leaves(md.shapes))
+
+
+def state_shardings(md: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: mesh_lib.Rules, abstract_state: TrainState) -> TrainState:
+    """Shardings of every leaf: params by their logical axes; optimizer moments follow params."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_sh = jax.tree.map(lambda i: mesh_lib.named_sharding(mesh, i.axes, rules), md.info)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def init_fn(build, cfg, tx: optax.GradientTransformation):
+    """A pure function seed-key -> TrainState, to be jitted with out_shardings."""
+
+    def init(key: jax.Array) -> TrainState:
+        init_key, rng = jax.random.split(key)
+        model = build(cfg, nnx.Rngs(params=init_key))
+        params = nnx.to_pure_dict(nnx.state(model))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=rng)
+
+    return init
+
+
+def create(build, cfg, tx, mesh: Mesh, rules: mesh_lib.Rules) -> tuple[TrainState, TrainState, ModelDef]:
+    """(sharded state, its shardings, model def); each device materialises only its shard."""
+    md = model_def(build, cfg)
+    init = init_fn(build, cfg, tx)
+    key = jax.random.PRNGKey(cfg.seed)
+    abstract = jax.eval_shape(init, key)
+    shardings = state_shardings(md, tx, mesh, rules, abstract)
+    state = jax.jit(init, out_shardings=shardings)(key)
+    return state, shardings, md
+
+
+def abstract_with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying shardings: the restore target for any mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)

@@ -1,0 +1,72 @@
+"""Train and eval steps: pure functions of (state, batch), jitted with shardings by the caller."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pretrain.mesh import constrain
+from pretrain.state import ModelDef, TrainState
+
+Batch = dict[str, jax.Array]
+BATCH_AXES = ('act_batch', 'act_length')
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] taking rows i, i+n, ...: every device's shard feeds each micro-batch."""
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1):
+    """(state, batch) -> (state, metrics). Gradients are averaged over micro-batches in float32."""
+
+    def loss_of_params(params, batch):
+        return loss_fn(md.merge(params), batch)
+
+    grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+    def grads_and_metrics(params, batch):
+        if grad_accum_steps == 1:
+            (_, metrics), grads = grad_fn(params, batch)
+            return grads, metrics
+
+        def body(acc, micro):
+            micro = jax.tree.map(lambda x: constrain(x, BATCH_AXES[:x.ndim]), micro)
+            (_, metrics), grads = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+        micro = _microbatches(batch, grad_accum_steps)
+        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (zeros[1], zeros[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        scale = 1.0 / grad_accum_steps
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+        return grads, jax.tree.map(lambda m: m * scale, metrics)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, metrics = grads_and_metrics(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+                       param_norm=optax.global_norm(params))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: Callable, md: ModelDef, byte_lengths: jax.Array | None = None):
+    """(params, batch) -> {'loss', and 'bytes' (UTF-8 bytes of the targets) for text}."""
+
+    def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
+        _, metrics = loss_fn(md.merge(params), batch)
+        if byte_lengths is not None:
+            metrics = dict(metrics, bytes=jnp.sum(byte_lengths[batch['targets']]),
+                           tokens=jnp.float32(batch['targets'].size))
+        return metrics
+
+    return eval_step

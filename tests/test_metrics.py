@@ -1,0 +1,236 @@
+"""Tests for pretrain/metrics.py: peak FLOPs, MFU, throughput and the metrics writer."""
+
+import glob
+import io
+import json
+import logging as py_logging
+import math
+import os
+import struct
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pretrain import metrics as M
+
+
+def fake_device(kind: str, platform: str = 'gpu') -> SimpleNamespace:
+    return SimpleNamespace(device_kind=kind, platform=platform)
+
+
+# --- Peak FLOPs and MFU -------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind, flops, key', [
+    ('NVIDIA H100 80GB HBM3', 989e12, 'h100'),
+    ('NVIDIA H100 PCIe', 756e12, 'h100 pcie'),
+    ('NVIDIA H200', 989e12, 'h200'),
+    ('NVIDIA GH200 480GB', 989e12, 'gh200'),
+    ('NVIDIA A100-SXM4-80GB', 312e12, 'a100'),
+    ('NVIDIA A10G', 125e12, 'a10g'),
+    ('NVIDIA L4', 121e12, 'nvidia l4'),
+    ('NVIDIA L40S', 362e12, 'l40s'),
+    ('NVIDIA B200', 2.25e15, 'b200'),
+    ('Tesla V100-SXM2-16GB', 125e12, 'v100'),
+    ('TPU v5 lite', 197e12, 'tpu v5 lite'),
+    ('TPU v5', 459e12, 'tpu v5'),
+    ('TPU v4', 275e12, 'tpu v4'),
+    ('TPU v6 lite', 918e12, 'tpu v6 lite'),
+    ('TPU v3', 61.5e12, 'tpu v3'),
+])
+def test_table_lookup(kind, flops, key):
+    platform = 'tpu' if kind.startswith('TPU') else 'gpu'
+    assert M.peak_flops(fake_device(kind, platform)) == (flops, f'table: {key}')
+
+
+def test_table_prefers_the_most_specific_key():
+    # A key found inside a later kind's key must come after it, or the later one never wins.
+    keys = list(M.PEAK_FLOPS)
+    for i, key in enumerate(keys):
+        for later in keys[i + 1:]:
+            assert key not in later, f'{key!r} shadows {later!r}'
+
+
+def test_override_wins():
+    assert M.peak_flops(fake_device('NVIDIA H100 80GB HBM3'), 123.0) == (123.0, 'config')
+    assert M.peak_flops(jax.devices()[0], 5e9) == (5e9, 'config')
+    assert M.total_peak_flops([fake_device('TPU v4', 'tpu')] * 4, 1e12) == (4e12, 'config')
+
+
+def test_total_peak_multiplies_accelerators():
+    devices = [fake_device('TPU v5 lite', 'tpu')] * 8
+    assert M.total_peak_flops(devices) == (8 * 197e12, 'table: tpu v5 lite')
+
+
+def test_measured_cpu_peak_is_plausible_and_not_multiplied():
+    cpu = jax.devices('cpu')[0]
+    flops, source = M.peak_flops(cpu)
+    assert source == 'measured matmul'
+    assert flops > 1e8
+    # Simulated CPU devices share the host's cores: the total is the one measurement.
+    assert M.total_peak_flops([cpu] * 8) == (flops, source)
+    assert M.peak_flops(cpu) == (flops, source)   # cached, not re-measured
+
+
+def test_measure_matmul_flops_small():
+    assert M.measure_matmul_flops(n=128, dtype=jnp.float32, repeats=2) > 1e6
+
+
+def test_mfu():
+    assert M.mfu(50e12, 200e12) == pytest.approx(0.25)
+    assert M.mfu(1.0, 0.0) == 0.0
+
+
+# --- Throughput ---------------------------------------------------------------------------
+
+def test_throughput(monkeypatch):
+    clock = iter([10.0, 12.0, 13.0, 20.0, 20.5])
+    monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
+    t = M.Throughput()                       # 10.0
+    r = t.update(tokens=4000, flops=8e12)    # 12.0: 2 s
+    assert r == {'tokens_per_s': 2000.0, 'flops_per_s': 4e12}
+    r = t.update(tokens=500, flops=1e12, steps=2)   # 13.0: 1 s
+    assert r == {'tokens_per_s': 500.0, 'flops_per_s': 1e12, 'step_time_s': 0.5}
+    t.reset()                                # 20.0: the pause 13..20 is dropped
+    r = t.update(tokens=100, flops=0)        # 20.5
+    assert r['tokens_per_s'] == pytest.approx(200.0)
+
+
+# --- Writer -------------------------------------------------------------------------------
+
+def test_jsonl_written_converted_and_appended(tmp_path):
+    workdir = str(tmp_path / 'run')
+    with M.MetricsWriter(workdir, total_steps=10, tensorboard=False) as w:
+        w.write(1, {'loss': jnp.float32(2.5), 'lr': np.float64(1e-3), 'tokens': np.int64(7),
+                    'grad_norm': jnp.array([1.25])})
+        w.write(2, {'loss': float('nan'), 'gap': -math.inf}, split='eval')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    lines = open(path).read().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first == {'step': 1, 'split': 'train', 'loss': 2.5, 'lr': 1e-3, 'tokens': 7,
+                     'grad_norm': 1.25}
+    assert isinstance(first['tokens'], int)
+    assert json.loads(lines[1])['loss'] == 'nan'   # strict JSON on disk
+
+    # A resumed run appends, and read_metrics restores non-finite floats.
+    with M.MetricsWriter(workdir, tensorboard=False) as w:
+        w.write(3, {'loss': 1.0})
+    records = M.read_metrics(path)
+    assert [r['step'] for r in records] == [1, 2, 3]
+    assert math.isnan(records[1]['loss']) and records[1]['gap'] == -math.inf
+
+
+def test_torn_last_line_is_fenced_off(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 1, "split": "train", "loss": 3.0}\n{"step": 2, "spl')
+    with M.MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write(2, {'loss': 2.0})
+    assert [(r['step'], r['loss']) for r in M.read_metrics(str(path))] == [(1, 3.0), (2, 2.0)]
+
+
+def test_bad_metrics_rejected(tmp_path):
+    with M.MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        with pytest.raises(TypeError):
+            w.write(1, {'x': np.zeros(3)})
+        with pytest.raises(ValueError):
+            w.write(1, {'step': 1})
+
+
+def test_inactive_writer_is_a_no_op(tmp_path):
+    workdir = tmp_path / 'run'
+    stream = io.StringIO()
+    with M.MetricsWriter(str(workdir), active=False, stream=stream) as w:
+        w.write(1, {'loss': 1.0})
+        w.text('hello')
+    assert not workdir.exists()
+    assert stream.getvalue() == ''
+
+
+def read_tfrecords(path: str) -> list[bytes]:
+    """The records of a TFRecord file, checking both CRCs of each."""
+    from tensorboardX.record_writer import masked_crc32c
+    records = []
+    with open(path, 'rb') as f:
+        while header := f.read(8):
+            (length,) = struct.unpack('<Q', header)
+            (header_crc,) = struct.unpack('<I', f.read(4))
+            assert header_crc == masked_crc32c(header)
+            data = f.read(length)
+            (data_crc,) = struct.unpack('<I', f.read(4))
+            assert data_crc == masked_crc32c(data)
+            records.append(data)
+    return records
+
+
+def test_tensorboard_scalars_readable(tmp_path):
+    with M.MetricsWriter(str(tmp_path)) as w:
+        w.write(5, {'loss': 2.0, 'mfu': 0.3})
+        w.write(10, {'loss': 1.5}, split='eval')
+    files = glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
+    assert len(files) == 1
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        from tensorboardX.proto.event_pb2 import Event
+        scalars = {}
+        for data in read_tfrecords(files[0]):
+            event = Event.FromString(data)
+            for value in event.summary.value:
+                scalars[value.tag] = (event.step, value.simple_value)
+    else:
+        acc = EventAccumulator(files[0])
+        acc.Reload()
+        scalars = {tag: (acc.Scalars(tag)[-1].step, acc.Scalars(tag)[-1].value)
+                   for tag in acc.Tags()['scalars']}
+    assert scalars['train/loss'] == (5, 2.0)
+    assert scalars['train/mfu'] == (5, pytest.approx(0.3))
+    assert scalars['eval/loss'] == (10, 1.5)
+
+
+def test_plain_log_line(tmp_path, caplog):
+    caplog.set_level(py_logging.INFO, logger='absl')
+    with M.MetricsWriter(str(tmp_path), total_steps=500, tensorboard=False,
+                         stream=io.StringIO()) as w:
+        w.write(120, {'loss': 2.31412, 'lr': 3e-3, 'tokens_per_s': 3412.4, 'mfu': 0.312,
+                      'grad_norm': 0.5})
+        w.write(120, {'loss': 2.5}, split='eval')
+        w.text('saved checkpoint')
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ('step 120/500 | loss 2.314 | lr 3.0e-03 | tok/s 3,412 | mfu 31.2% '
+                        '| grad_norm 0.5')
+    assert lines[1] == '[eval] step 120/500 | loss 2.5'
+    assert lines[2] == 'saved checkpoint'
+
+
+def test_format_helpers():
+    assert M.format_duration(42) == '42s'
+    assert M.format_duration(187) == '3m07s'
+    assert M.format_duration(7500) == '2h05m'
+    assert M.format_value('flops_per_s', 1.5e12) == '1.5T'
+    assert M.format_value('loss', float('nan')) == 'nan'
+    assert M.format_metrics(3, {'loss': 1.0}, eta_s=61) == 'step 3 | loss 1 | eta 1m01s'
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_tty_progress_line(tmp_path, monkeypatch):
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
+    monkeypatch.setenv('COLUMNS', '200')   # the line is cut to the terminal width
+    stream = FakeTTY()
+    with M.MetricsWriter(str(tmp_path), total_steps=100, tensorboard=False, stream=stream) as w:
+        w.write(10, {'loss': 2.0, 'tokens_per_s': 1000.0, 'mfu': 0.5})
+        w.write(20, {'loss': 1.5, 'tokens_per_s': 1000.0, 'mfu': 0.5})
+        w.text('note')
+    out = stream.getvalue()
+    assert out.count('\r') == 3 and out.endswith('\n')
+    last = out.split('\r\x1b[K')[2]
+    assert last.startswith('[####................] 20/100 | loss 1.5 | tok/s 1,000 | mfu 50.0%')
+    assert 'eta 1m20s' in last       # 10 steps took 10 s, 80 to go
+    assert '\r\x1b[Knote\n' in out

@@ -52,8 +52,8 @@ def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransform
         grads, metrics = grads_and_metrics(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
-                       param_norm=optax.global_norm(params))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                       param_norm=optax.tree.norm(params))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

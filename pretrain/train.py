@@ -58,12 +58,13 @@ def _global_batch(local: dict[str, np.ndarray], sharding, global_rows: int) -> d
             for k, v in local.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Trains (or resumes) the configured run in `workdir`; returns the logged history."""
     from model_zoo import FAMILIES
 
     cfg = config_lib.finalize(config)
-    devices = jax.devices()
+    devices = list(devices or jax.devices())
     granules = len({getattr(d, 'slice_index', d.process_index) for d in devices})
     config_lib.validate(cfg, num_devices=len(devices), num_granules=granules,
                         process_count=jax.process_count())

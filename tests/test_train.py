@@ -131,3 +131,10 @@ def test_readme_train_command_runs(tmp_path):
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20', '40']
     assert os.path.exists(tmp_path / 'config.json') and os.listdir(tmp_path / 'tb')
     assert 'compiled the train step' in out.stderr
+
+
+def test_checkpoint_retention_keeps_last_n_and_every_kth(tmp_path):
+    c = tiny_config(steps=7)
+    c.checkpoint.update(every_steps=1, keep_last=2, keep_every=3, async_save=True)
+    train.run(c, str(tmp_path))
+    assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [3, 6, 7]

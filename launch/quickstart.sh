@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One command per task on a fresh machine with Python 3.11+ and pip:
+#   bash launch/quickstart.sh train [--config.train.steps=100 ...]   trains configs/lm_tiny.py
+#   bash launch/quickstart.sh test  [pytest args ...]                runs the test suite
+# The first call creates .venv and installs the package; later calls reuse it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  touch "$stamp"
+fi
+
+task=${1:-}
+shift || true
+case "$task" in
+  train)
+    exec .venv/bin/python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/tiny "$@"
+    ;;
+  test)
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash launch/quickstart.sh {train|test} [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -6,6 +6,7 @@
 Restarting the same command on the same workdir resumes from its latest checkpoint.
 """
 
+import logging
 import math
 import os
 import time
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pretrain import checkpoint as ckpt_lib
@@ -188,7 +190,15 @@ def _record(cfg, spec: schedules.ScheduleSpec, param_shapes, step: int) -> dict[
             'param_shapes': param_shapes}
 
 
+def _quiet_library_info() -> None:
+    """Drops orbax's per-save INFO chatter from the log; its warnings and errors still show."""
+    def keep(record) -> bool:
+        return record.levelno > logging.INFO or f'{os.sep}orbax{os.sep}' not in record.pathname
+    absl_logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv) -> None:
+    _quiet_library_info()
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not _WORKDIR.value:

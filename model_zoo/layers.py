@@ -67,11 +67,11 @@ class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE; softmax in float32."""
 
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
-                 init_std: float, param_dtype: str, rngs: nnx.Rngs):
+                 logit_scale: float, init_std: float, param_dtype: str, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.rope_theta = rope_theta
-        self.logit_scale = self.head_dim ** -0.5
+        self.logit_scale = logit_scale   # set by the parametrization (1/sqrt(d) SP, ~1/d muP)
         init = normal(init_std)
         K = self.head_dim
         self.wq = param(rngs, init, (d_model, n_heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)

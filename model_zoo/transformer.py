@@ -8,55 +8,70 @@ from flax import nnx
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import REMAT_POLICIES, Attention, Embedding, RMSNorm, SwiGLU, normal, param
 from pretrain.errors import ConfigError, check_choice
+from pretrain import parametrization
 from pretrain.mesh import constrain
+from pretrain.parametrization import Parametrization
 
 ACT_BLD = ('act_batch', 'act_length', 'act_embed')
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + r * attn(norm(x)), then x + r * mlp(norm(x))."""
 
-    def __init__(self, m, rngs: nnx.Rngs):
+    def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
         common = dict(init_std=m.init_std, param_dtype=m.param_dtype, rngs=rngs)
+        self.residual_mult = p13n.residual_mult()
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.attn = Attention(d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                              rope_theta=m.rope_theta, **common)
+                              rope_theta=m.rope_theta,
+                              logit_scale=p13n.attn_logit_scale(m.d_model // m.n_heads), **common)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.mlp = SwiGLU(d_model=m.d_model, d_ff=m.d_ff, **common)
 
     def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
-        x_BLD = constrain(x_BLD + self.attn(self.attn_norm(x_BLD), positions_L), ACT_BLD)
-        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
+        r = self.residual_mult
+        x_BLD = constrain(x_BLD + r * self.attn(self.attn_norm(x_BLD), positions_L), ACT_BLD)
+        return constrain(x_BLD + r * self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
 
 
 class Transformer(nnx.Module):
     """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
 
-    def __init__(self, m, rngs: nnx.Rngs):
+    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization | None = None):
+        p13n = p13n or Parametrization()
         self.compute_dtype = jnp.dtype(m.compute_dtype)
         self.remat_policy = m.remat
+        self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
         self.embed = Embedding(vocab_size=m.vocab_size, d_model=m.d_model, init_std=m.init_std,
                                param_dtype=m.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(m, rngs) for _ in range(m.n_layers)])
+        self.blocks = nnx.List([Block(m, p13n, rngs) for _ in range(m.n_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.head = None if m.tie_embeddings else param(
             rngs, normal(m.init_std), (m.d_model, m.vocab_size), ('embed', 'vocab'), 'readout',
             m.param_dtype)
 
-    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+    def __call__(self, tokens_BL: jax.Array, capture: dict | None = None) -> jax.Array:
+        """`capture`, if given, receives each layer's output (for coordinate checks)."""
         positions_L = jnp.arange(tokens_BL.shape[1])
-        x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype), ACT_BLD)
+        x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype) * self.embedding_mult, ACT_BLD)
         block_fn = Block.__call__
         if self.remat_policy != 'none':
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat_policy])
-        for block in self.blocks:
+        if capture is not None:
+            capture['embedding'] = x_BLD
+        for i, block in enumerate(self.blocks):
             x_BLD = block_fn(block, x_BLD, positions_L)
+            if capture is not None:
+                capture[f'block_{i}'] = x_BLD
         x_BLD = self.final_norm(x_BLD)
         if self.head is None:
             logits_BLV = self.embed.attend(x_BLD)
         else:
             logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
-        return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+        logits_BLV = logits_BLV.astype(jnp.float32) * self.readout_mult
+        if capture is not None:
+            capture['logits'] = logits_BLV
+        return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
 
 
 def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -106,7 +121,7 @@ def validate(cfg, axes: dict[str, int]) -> None:
 
 
 FAMILIES.register('transformer')(Family(
-    build=lambda cfg, rngs: Transformer(cfg.model, rngs),
+    build=lambda cfg, rngs: Transformer(cfg.model, rngs, parametrization.from_config(cfg)),
     loss=lm_loss,
     flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
     tokens_per_example=lambda cfg: cfg.data.seq_len,

@@ -1,10 +1,15 @@
 """Orbax checkpoints: train state + data-iterator state + a JSON record (config, schedule, shapes).
 
-Saves are atomic (orbax writes to a temporary directory and renames on commit), so a kill
-during a save leaves the previous checkpoint intact, and `latest_step` only sees committed ones.
+Saves are atomic: orbax writes `<step>.orbax-checkpoint-tmp-<id>` and renames it to `<step>`
+once every item is written, so a kill during a save leaves the previous checkpoint intact and
+`latest_step` only sees committed ones. A new manager deletes such leftovers before saving.
 """
 
+import dataclasses
+import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -14,19 +19,59 @@ import orbax.checkpoint as ocp
 from pretrain.errors import ConfigError
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator handler, restorable with another process count.
+
+    grain writes one `process_<i>-of-<n>.json` per process and reads back only the file of the
+    same i and n. Our iterator state is the global batch index (rows are picked from seed, step
+    and the process index when read), equal in every file, so any file restores any process.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+        if own.exists():
+            return super().restore(directory, item, args)
+        states = {f.name: json.loads(f.read_text()) for f in directory.glob('process_*-of-*.json')}
+        if not states or any(s != next(iter(states.values())) for s in states.values()):
+            raise ValueError(f'cannot restore the data iterator from {directory} with '
+                             f'{jax.process_count()} process(es): saved states {states}')
+        item = item or args.item
+        item.set_state(next(iter(states.values())))
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpointer:
     """Keeps the last `keep_last` checkpoints and every `keep_every`-th step."""
 
-    def __init__(self, directory: str, ckpt_cfg):
+    def __init__(self, directory: str, ckpt_cfg, read_only: bool = False):
+        """read_only: for another run's checkpoints (a branch parent): never writes or cleans."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=ckpt_cfg.keep_last,
             keep_period=ckpt_cfg.keep_every or None,
             save_interval_steps=ckpt_cfg.every_steps,
             enable_async_checkpointing=ckpt_cfg.async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,   # half-written saves of a killed run
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -40,7 +85,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iter, record: dict[str, Any], force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iter),
+                                  data=_DataSave(data_iter),
                                   meta=ocp.args.JsonSave(record))
         return self.manager.save(step, args=args, force=force)
 
@@ -48,7 +93,7 @@ class Checkpointer:
         """Restores onto the shardings in `abstract_state` (any mesh) and the iterator in place."""
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            data=_DataRestore(data_iter)))
         return out['state']
 
     def wait(self) -> None:
@@ -57,6 +102,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class SaveTimer:
+    """Time-based saves: due once `every_minutes` have passed since the last save (0 = never)."""
+
+    def __init__(self, every_minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.interval = 60.0 * every_minutes
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self._last = self.clock()
+
+    def due(self) -> bool:
+        return self.interval > 0 and self.clock() - self._last >= self.interval
 
 
 def check_shapes(record: dict[str, Any], shapes: dict[str, list[int]], directory: str, step: int) -> None:

@@ -16,6 +16,7 @@ from pretrain.errors import ConfigError, check_choice
 MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 DTYPES = ('float32', 'bfloat16')
 REMAT_POLICIES = ('none', 'full', 'dots')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10,
         eval_every=100,            # 0 = never
         eval_batches=4,
+        nonfinite_policy='stop',   # NaN/inf loss or grads: 'stop' (error) | 'skip' the update
     )
 
     c.optim = dict(
@@ -72,7 +74,19 @@ def base_config() -> ml_collections.ConfigDict:
         b2=0.95,
         eps=1e-8,
         weight_decay=0.1,
+        weight_decay_mode='coupled',  # 'coupled' (optax adamw) | 'independent' (of the LR) | 'mup_scaled'
         grad_clip=1.0,             # global-norm clip; 0 = off
+    )
+
+    c.parametrization = dict(
+        name='sp',                 # 'sp' | 'mup' | 'depth_mup' (see pretrain/parametrization.py)
+        base_width=0,              # d_model the hyper-parameters were tuned at; 0 = this model
+        base_depth=0,              # n_layers of that base model; 0 = this model
+        depth_alpha=0.5,           # depth_mup residual exponent: 0.5 depth-muP, 1.0 CompleteP
+        input_mult=1.0,            # embedding output multiplier (alpha_in)
+        output_mult=1.0,           # readout multiplier (alpha_out; divided by m under muP)
+        zero_readout=False,        # initialise the readout at zero
+        scale_eps=True,            # Adam eps / m for hidden matrices under muP
     )
 
     c.schedule = dict(
@@ -83,10 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
         decay_shape='1-sqrt',      # WSD decay: 'linear' | 'cosine' | '1-sqrt'
         min_lr_ratio=0.0,          # floor = lr * min_lr_ratio
         allow_resume_change=False,  # resuming with a schedule unlike the checkpoint's is an error
+        branch_from='',            # 'PARENT_WORKDIR@STEP': start from that checkpoint (pretrain/branching.py)
     )
 
     c.checkpoint = dict(
         every_steps=100,
+        every_minutes=0.0,         # also save this long after the last save; 0 = off
         keep_last=3,
         keep_every=0,              # also keep every K-th step forever; 0 = off
         async_save=True,
@@ -119,7 +135,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
     computes nothing, so a bad config fails in seconds.
     """
     from model_zoo import FAMILIES  # the registry imports the families, which import pretrain
-    from pretrain import data, mesh, optim, schedules
+    from pretrain import data, mesh, optim, parametrization, schedules
 
     family = FAMILIES.get(cfg.model.family, 'model.family')
     ici, dcn = mesh.mesh_shape(cfg.mesh, num_devices, num_granules)
@@ -130,6 +146,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
     for key in ('steps', 'global_batch_size', 'grad_accum_steps', 'log_every', 'eval_batches'):
         _positive(f'train.{key}', t[key])
     _positive('train.eval_every', t.eval_every, 0)
+    check_choice('train.nonfinite_policy', t.nonfinite_policy, NONFINITE_POLICIES)
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by '
                           f'train.grad_accum_steps={t.grad_accum_steps}')
@@ -156,11 +173,15 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
                               f'{cfg.data.tokenizer!r} tokenizer vocabulary ({vocab})')
 
     optim.validate(cfg.optim)
+    parametrization.from_config(cfg)
     schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
     c = cfg.checkpoint
     _positive('checkpoint.every_steps', c.every_steps)
     _positive('checkpoint.keep_last', c.keep_last)
     _positive('checkpoint.keep_every', c.keep_every, 0)
+    minutes = c.every_minutes
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
+        raise ConfigError(f'checkpoint.every_minutes={minutes!r} must be a number >= 0 (0 = off)')
     if cfg.metrics.peak_flops_per_device < 0:
         raise ConfigError(f'metrics.peak_flops_per_device={cfg.metrics.peak_flops_per_device} '
                           'must be >= 0 (0 = automatic)')

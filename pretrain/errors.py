@@ -1,4 +1,4 @@
-"""The one error type a user sees for bad configuration or input."""
+"""Errors a user sees: bad configuration or input (before compute), and a diverged run."""
 
 import difflib
 from collections.abc import Iterable
@@ -19,3 +19,16 @@ def check_choice(key: str, value: object, allowed: Iterable[object]) -> None:
         if close:
             hint = f' Did you mean {close[0]!r}?'
     raise ConfigError(f'{key}={value!r} is not allowed; choose one of {allowed}.{hint}')
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/inf with train.nonfinite_policy='stop'.
+
+    Not a ConfigError: it happens during compute. Nothing was saved after `step`; the run can be
+    resumed (e.g. with a lower LR) from `checkpoint` (None if no checkpoint exists yet).
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint

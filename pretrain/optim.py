@@ -1,8 +1,20 @@
-"""The optax chain: clip -> Adam scaling -> weight decay (masked by role) -> schedule."""
+"""The optax chain: clip -> Adam -> weight decay -> per-parameter LR multipliers -> schedule.
+
+Per-parameter LR, epsilon and decay multipliers come from the parametrization (by role), so
+SP, muP and depth-muP share one chain. Weight-decay modes (lambda = optim.weight_decay):
+- 'coupled' (optax.adamw):   p -= eta_t * lr_i * (adam + lambda * p)
+- 'mup_scaled':              as coupled with lambda * m for hidden matrices (eta/m * lambda*m)
+- 'independent':             p -= eta_t * lr_i * adam + lambda * (eta_t / eta_peak) * p
+Vector-like parameters (norm gains, biases) get no weight decay.
+"""
+
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from pretrain import parametrization as p13n_lib
 from pretrain.errors import ConfigError, check_choice
 
 OPTIMIZERS = ('adamw',)
@@ -11,6 +23,7 @@ OPTIMIZERS = ('adamw',)
 def validate(optim_cfg) -> None:
     o = optim_cfg
     check_choice('optim.name', o.name, OPTIMIZERS)
+    check_choice('optim.weight_decay_mode', o.weight_decay_mode, p13n_lib.WEIGHT_DECAY_MODES)
     for key in ('b1', 'b2'):
         if not 0.0 <= o[key] < 1.0:
             raise ConfigError(f'optim.{key}={o[key]} must be in [0, 1)')
@@ -22,20 +35,82 @@ def validate(optim_cfg) -> None:
         raise ConfigError(f'optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)')
 
 
-def decay_mask(info):
-    """Vector-like parameters (norm gains, biases) get no weight decay."""
-    return jax.tree.map(lambda i: i.role != 'vector', info)
+class _CountState(NamedTuple):
+    count: jax.Array
 
 
-def make_optimizer(optim_cfg, schedule: optax.Schedule, info) -> optax.GradientTransformation:
-    """AdamW with decoupled-from-gradient, LR-coupled weight decay (as optax.adamw)."""
+def scale_by_tree(mults) -> optax.GradientTransformation:
+    """Multiplies each update by its own constant."""
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(lambda u, m: u * m, updates, mults), state))
+
+
+def add_decay(rates, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """updates + rate_i * s(t) * params, with s = 1 when no schedule is given."""
+
+    def update(updates, state, params):
+        s = 1.0 if schedule is None else schedule(state.count)
+        new = jax.tree.map(lambda u, r, p: u + (r * s) * p if r != 0.0 else u, updates, rates, params)
+        return new, _CountState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(lambda params: _CountState(jnp.zeros([], jnp.int32)), update)
+
+
+def _adam(o, info, p13n) -> optax.GradientTransformation:
+    """Adam with a per-parameter epsilon eps * eps_mult_i.
+
+    Adam's update g / (|g| + eps) depends on the gradient's scale only through eps, so
+    eps * c for one parameter is the same as scaling its gradient by 1/c before one shared
+    Adam; that keeps a single optimizer state (and multiplying by 1.0 is exact).
+    """
+    grad_scale = p13n_lib.per_param(info, lambda role, _: 1.0 / p13n.eps_mult(role))
+    adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    if all(s == 1.0 for s in jax.tree.leaves(grad_scale)):
+        return adam
+    return optax.chain(scale_by_tree(grad_scale), adam)
+
+
+def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
+                   p13n: p13n_lib.Parametrization | None = None) -> optax.GradientTransformation:
+    """The full chain; `info` is the ParamInfo tree, `p13n` defaults to SP."""
     o = optim_cfg
-    parts = []
-    if o.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts += [
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-        optax.add_decayed_weights(o.weight_decay, mask=decay_mask(info)),
-        optax.scale_by_learning_rate(schedule),
-    ]
+    p13n = p13n or p13n_lib.Parametrization()
+    lr_mults = p13n_lib.per_param(info, p13n.lr_mult)
+    decay = p13n_lib.per_param(info, lambda role, _: o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    parts.append(_adam(o, info, p13n))
+    if o.weight_decay_mode == 'independent':
+        # Decay follows the schedule's shape (eta_t / eta_peak) but not its size.
+        parts += [scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule),
+                  add_decay(jax.tree.map(lambda r: -r, decay), lambda t: schedule(t) / o.lr)]
+    else:
+        parts += [add_decay(decay), scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)
+
+
+def _group(role: str, in_block: bool) -> str:
+    return f'{role}_in_blocks' if role == 'vector' and in_block else role
+
+
+def applied_rates(optim_cfg, schedule: optax.Schedule, info,
+                  p13n: p13n_lib.Parametrization | None = None):
+    """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
+    o = optim_cfg
+    p13n = p13n or p13n_lib.Parametrization()
+    groups = {}
+    for (role, in_block) in set(jax.tree.leaves(p13n_lib.per_param(info, lambda r, b: (r, b)),
+                                                is_leaf=lambda x: isinstance(x, tuple))):
+        groups[_group(role, in_block)] = (p13n.lr_mult(role, in_block),
+                                          o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
+
+    def rates(step: jax.Array) -> dict[str, jax.Array]:
+        eta = schedule(step)
+        out = {}
+        for name, (lr_mult, wd) in sorted(groups.items()):
+            out[f'lr/{name}'] = eta * lr_mult
+            coupled = o.weight_decay_mode != 'independent'
+            out[f'wd/{name}'] = eta * lr_mult * wd if coupled else wd * eta / o.lr
+        return out
+
+    return rates

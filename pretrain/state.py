@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pretrain import mesh as mesh_lib
+from pretrain import parametrization
 
 
 @flax.struct.dataclass
@@ -83,10 +84,13 @@ def state_shardings(md: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
 def init_fn(build, cfg, tx: optax.GradientTransformation):
     """A pure function seed-key -> TrainState, to be jitted with out_shardings."""
 
+    info = model_def(build, cfg).info
+    p13n = parametrization.from_config(cfg)
+
     def init(key: jax.Array) -> TrainState:
         init_key, rng = jax.random.split(key)
         model = build(cfg, nnx.Rngs(params=init_key))
-        params = nnx.to_pure_dict(nnx.state(model))
+        params = parametrization.scale_init(nnx.to_pure_dict(nnx.state(model)), info, p13n)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
 

@@ -22,8 +22,15 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1):
-    """(state, batch) -> (state, metrics). Gradients are averaged over micro-batches in float32."""
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    rates: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
+    """(state, batch) -> (state, metrics). Gradients are averaged over micro-batches in float32.
+
+    `rates(step)` adds the applied LR and weight decay per parameter group to the metrics.
+
+    metrics['nonfinite'] is 1 when the loss or the gradient norm was NaN/inf; the returned state
+    then holds the previous params and optimizer state.
+    """
 
     def loss_of_params(params, batch):
         return loss_fn(md.merge(params), batch)
@@ -32,28 +39,38 @@ def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransform
 
     def grads_and_metrics(params, batch):
         if grad_accum_steps == 1:
-            (_, metrics), grads = grad_fn(params, batch)
-            return grads, metrics
+            (loss, metrics), grads = grad_fn(params, batch)
+            return grads, loss, metrics
 
         def body(acc, micro):
             micro = jax.tree.map(lambda x: constrain(x, BATCH_AXES[:x.ndim]), micro)
-            (_, metrics), grads = grad_fn(params, micro)
-            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+            (loss, metrics), grads = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, acc, (grads, loss, metrics)), None
 
         micro = _microbatches(batch, grad_accum_steps)
-        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (zeros[1], zeros[0][1]))
-        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        (loss, metrics), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (grads, loss, metrics))
+        (grads, loss, metrics), _ = jax.lax.scan(body, zeros, micro)
         scale = 1.0 / grad_accum_steps
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-        return grads, jax.tree.map(lambda m: m * scale, metrics)
+        return grads, loss * scale, jax.tree.map(lambda m: m * scale, metrics)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, metrics = grads_and_metrics(state.params, batch)
+        grads, loss, metrics = grads_and_metrics(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                       param_norm=optax.tree.norm(params))
+        grad_norm = optax.tree.norm(grads)
+        # Two scalar tests: a NaN or inf anywhere in the gradients makes their norm non-finite.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A bad step keeps the old params and optimizer state; the select fuses into the update
+        # kernels, so it adds little memory traffic. The step counter still advances (the
+        # batch was consumed). The caller decides whether to go on ('skip') or stop.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                       param_norm=optax.tree.norm(params),
+                       nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+                       **(rates(state.step) if rates else {}))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

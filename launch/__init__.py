@@ -1,0 +1,1 @@
+"""Launchers: local multi-process jobs and cluster templates (SLURM, TPU VM, Kubernetes)."""

@@ -1,0 +1,52 @@
+"""Branching a run from another run's checkpoint (e.g. a cooldown from a constant-LR run).
+
+`schedule.branch_from = 'PARENT_WORKDIR@STEP'` starts a new workdir from the parent's full
+state (params, optimizer, step, RNG, data position) at STEP. The branch is accepted only if the
+parent was in its stable phase there (warmup over, no update yet decayed) and the child's
+schedule gives exactly the parent's LR at every earlier step, so the child's history up to the
+branch is the parent's. The lineage (parent run, step; and the parent's own lineage) is kept in
+every checkpoint record of the child.
+"""
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from pretrain import schedules
+from pretrain.errors import ConfigError
+
+
+def parse(branch_from: str) -> tuple[str, int]:
+    """'DIR@STEP' -> (absolute DIR, STEP)."""
+    run, sep, step = branch_from.rpartition('@')
+    if not sep or not run or not step.isdigit():
+        raise ConfigError(f'schedule.branch_from={branch_from!r} must look like PARENT_WORKDIR@STEP, '
+                          'e.g. runs/constant@2000')
+    return os.path.abspath(run), int(step)
+
+
+def check(parent: dict[str, Any], parent_run: str, step: int,
+          child: schedules.ScheduleSpec, child_steps: int) -> list[dict[str, Any]]:
+    """Validates a branch from a parent checkpoint record; returns the child's lineage."""
+    where = f'{parent_run}@{step}'
+    if child_steps <= step:
+        raise ConfigError(f'train.steps={child_steps} must be larger than the branch step {step} '
+                          f'of schedule.branch_from={where!r}')
+    spec = schedules.ScheduleSpec.from_dict(parent['schedule'])
+    # Update `step` is the child's first; the parent may have reached its decay start there.
+    if not (spec.stable_phase(step) or step == spec.decay_start):
+        raise ConfigError(f'schedule.branch_from={where!r}: the parent is not in its stable phase at '
+                          f'step {step} ({schedules.describe(spec)}); branch from a step after its '
+                          'warmup and before its decay')
+    steps = jnp.arange(step, dtype=jnp.int32)
+    ours, theirs = (np.asarray(schedules.make_schedule(s)(steps)) for s in (child, spec))
+    bad = np.flatnonzero(ours != theirs)
+    if bad.size:
+        i = int(bad[0])
+        raise ConfigError(f'schedule.branch_from={where!r}: this schedule ({schedules.describe(child)}) '
+                          f'gives lr {ours[i]:.6g} at step {i} where the parent used {theirs[i]:.6g}; '
+                          'a branch must reproduce the parent up to the branch step (same peak lr '
+                          'and warmup, decay starting at or after it)')
+    return list(parent.get('lineage', [])) + [{'run': parent_run, 'step': step}]

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from pretrain import scaling_rules
 from pretrain.errors import ConfigError, check_choice
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
@@ -100,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
         branch_from='',            # 'PARENT_WORKDIR@STEP': start from that checkpoint (pretrain/branching.py)
     )
 
+    # Derive optimizer values / batch size from a reference run (pretrain/scaling_rules.py).
+    c.scaling = scaling_rules.default_config()
+
     c.checkpoint = dict(
         every_steps=100,
         every_minutes=0.0,         # also save this long after the last save; 0 = off
@@ -174,6 +178,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
 
     optim.validate(cfg.optim)
     parametrization.from_config(cfg)
+    scaling_rules.validate(cfg)
     schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
     c = cfg.checkpoint
     _positive('checkpoint.every_steps', c.every_steps)
@@ -198,5 +203,18 @@ def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def to_json(cfg: ml_collections.ConfigDict) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+def to_json(cfg: ml_collections.ConfigDict, **extra: Any) -> str:
+    return json.dumps({**cfg.to_dict(), **extra}, indent=2, sort_keys=True, default=str)
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A locked copy with dotted keys ('optim.lr') set; unknown keys are errors."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.lock()
+    for key, value in overrides.items():
+        *parents, leaf = key.split('.')
+        node = out
+        for name in parents:
+            node = node[name]
+        setattr(node, leaf, value)
+    return out

@@ -67,8 +67,10 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def param_count(md: ModelDef) -> int:
-    return sum(x.size for x in jax.tree.leaves(md.shapes))
+def param_count(md: ModelDef, exclude_roles: tuple[str, ...] = ()) -> int:
+    """Parameters, optionally without some roles (e.g. non-embedding: no embedding/readout)."""
+    roles = jax.tree.leaves(jax.tree.map(lambda i: i.role, md.info))
+    return sum(x.size for x, r in zip(jax.tree.leaves(md.shapes), roles) if r not in exclude_roles)
 
 
 def state_shardings(md: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,

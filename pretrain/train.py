@@ -32,7 +32,7 @@ from pretrain import data as data_lib
 from pretrain import distributed
 from pretrain import mesh as mesh_lib
 from pretrain import metrics as metrics_lib
-from pretrain import optim, parametrization, preemption, schedules
+from pretrain import optim, parametrization, preemption, scaling_rules, schedules
 from pretrain import state as state_lib
 from pretrain import step as step_lib
 from pretrain.errors import ConfigError, NonFiniteError
@@ -92,17 +92,29 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     """
     from model_zoo import FAMILIES
 
-    cfg = config_lib.finalize(config)
     devices = list(devices or jax.devices())
     granules = len({getattr(d, 'slice_index', d.process_index) for d in devices})
-    config_lib.validate(cfg, num_devices=len(devices), num_granules=granules,
-                        process_count=jax.process_count())
+    layout = dict(num_devices=len(devices), num_granules=granules, process_count=jax.process_count())
+    cfg = config_lib.finalize(config)
+    axes = config_lib.validate(cfg, **layout)
     family = FAMILIES.get(cfg.model.family)
+    md = state_lib.model_def(family.build, cfg)
+    scaling = None
+    if cfg.scaling.rule != 'none':
+        # The rule's outputs replace config values before finalize (so a derived train.steps
+        # also sets an unset schedule.total_steps), then everything is validated again.
+        non_embedding = state_lib.param_count(md, exclude_roles=('embedding', 'readout'))
+        overrides, explanation = scaling_rules.apply(
+            cfg, non_embedding, batch_multiple=axes['data'] * axes['fsdp'] * cfg.train.grad_accum_steps)
+        cfg = config_lib.finalize(config_lib.with_overrides(config, overrides))
+        config_lib.validate(cfg, **layout)
+        scaling = {'overrides': overrides, 'explanation': explanation}
+        if jax.process_index() == 0:
+            absl_logging.info('scaling rule %s:\n%s', cfg.scaling.rule, explanation)
     rules = mesh_lib.merge_rules(cfg.mesh.rules)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     schedule = schedules.make_schedule(spec)
-    md = state_lib.model_def(family.build, cfg)
     param_shapes = _flat_shapes(md.shapes)
     if dry_run:
         return _dry_run(cfg, family, md, schedule, mesh, rules)
@@ -142,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config_lib.to_json(cfg))
+            f.write(config_lib.to_json(cfg, **({'scaling_applied': scaling} if scaling else {})))
     ckpt = ckpt or ckpt_lib.Checkpointer(ckpt_dir, cfg.checkpoint)
 
     t = cfg.train

@@ -138,3 +138,20 @@ def test_checkpoint_retention_keeps_last_n_and_every_kth(tmp_path):
     c.checkpoint.update(every_steps=1, keep_last=2, keep_every=3, async_save=True)
     train.run(c, str(tmp_path))
     assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [3, 6, 7]
+
+
+def test_scaling_rule_is_applied_before_the_run_and_recorded(tmp_path):
+    import json
+    c = tiny_config(steps=3)                      # global batch 8 sequences
+    c.optim.lr = 0.123                            # replaced by the rule
+    c.schedule.update(kind='constant', warmup_steps=0)
+    c.scaling.update(rule='sqrt_adam', ref_global_batch_size=2, ref_lr=1e-3, ref_b1=0.9,
+                     ref_b2=0.99, ref_eps=1e-8)
+    result = train.run(c, str(tmp_path))
+    k = 4.0                                       # 8 / 2 sequences of the same length
+    assert result['history'][-1]['lr'] == pytest.approx(1e-3 * k ** 0.5, rel=1e-6)
+    saved = json.load(open(tmp_path / 'config.json'))
+    assert saved['optim']['lr'] == pytest.approx(2e-3)
+    assert saved['optim']['b2'] == pytest.approx(1 - 0.01 * k)
+    assert saved['optim']['eps'] == pytest.approx(1e-8 / 2)
+    assert 'sqrt_adam' in saved['scaling_applied']['explanation']

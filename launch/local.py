@@ -1,4 +1,4 @@
-"""Runs N processes of a command on this machine as one JAX job (simulated CPU devices).
+r"""Runs N processes of a command on this machine as one JAX job (simulated CPU devices).
 
     python -m launch.local --num_processes=2 --devices_per_process=4 [--timeout_s=600] \
         -- python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/mp
@@ -177,9 +177,7 @@ class Launcher:
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = list(argv)
-    if '--' not in argv:
-        raise SystemExit('usage: python -m launch.local [options] -- COMMAND ...  (see --help)')
-    split = argv.index('--')
+    split = argv.index('--') if '--' in argv else len(argv)
     parser = argparse.ArgumentParser(prog='python -m launch.local', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--num_processes', type=int, default=2)
@@ -191,7 +189,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command:
-        parser.error('no command after --')
+        parser.error('no command: put it after --, e.g. -- python -m pretrain.train ...')
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error('--num_processes and --devices_per_process must be >= 1')
     return args, command

@@ -246,7 +246,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                     if compiled is None:
                         start = time.perf_counter()
                         compiled = train_step.lower(state, batch).compile()
+                        if t.eval_every:   # also compiled now: processes must not drift apart
+                            eval_step = eval_step.lower(state.params, batch).compile()
                         writer.text(f'compiled the train step in {time.perf_counter() - start:.1f}s')
+                        # A process that hit the compilation cache must not reach the first
+                        # collective more than gloo's fixed 30 s before one that compiled.
+                        distributed.barrier('train_step_compiled')
                         throughput.reset()
                         timer.reset()
                     state, metrics = compiled(state, batch)

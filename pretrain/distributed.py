@@ -170,10 +170,10 @@ def _check(spec: JobSpec) -> None:
 
 
 def _init_failed(spec: JobSpec, timeout_s: int) -> None:
-    n = _or_auto(spec.num_processes)
+    n = '' if spec.num_processes is None else f'{spec.num_processes} '
     sys.stderr.write(
         f'\ndistributed init failed: {spec.describe()} waited --distributed_init_timeout_s='
-        f'{timeout_s}s and not all {n} processes joined. Check that every process was started '
+        f'{timeout_s}s and not all {n}processes joined. Check that every process was started '
         f'with the same coordinator address and process count and a distinct process id, that '
         f'process 0 is running, and that its port is reachable from this host.\n')
     sys.stderr.flush()

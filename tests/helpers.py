@@ -16,5 +16,12 @@ def tiny_config(**train):
     return c
 
 
+def with_mesh(c, **ici):
+    """`c` with exactly the given ici axis sizes (the others 1)."""
+    c.mesh.ici.update(data=1, fsdp=1, tensor=1, sequence=1)
+    c.mesh.ici.update(**ici)
+    return c
+
+
 def losses(result) -> list[float]:
     return [h['loss'] for h in result['history']]

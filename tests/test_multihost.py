@@ -20,7 +20,7 @@ import pytest
 from launch import local
 from pretrain import data as data_lib
 from pretrain import distributed, train
-from tests.helpers import losses, tiny_config
+from tests.helpers import losses, tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_S = 10
@@ -39,12 +39,6 @@ def _env() -> dict[str, str]:
 def _config(**train_kw):
     c = tiny_config(**train_kw)
     c.schedule.total_steps = TOTAL_STEPS   # the schedule does not depend on where a run stops
-    return c
-
-
-def _mesh(c, **ici):
-    c.mesh.ici.update(data=1, fsdp=1, tensor=1, sequence=1)
-    c.mesh.ici.update(**ici)
     return c
 
 
@@ -252,7 +246,7 @@ def two_process_run(shared, tmp_path_factory):
 @pytest.fixture(scope='module')
 def one_process_losses(shared, tmp_path_factory):
     """The uninterrupted reference: 6 steps, 1 process x 8 devices, the same mesh shape."""
-    c = _mesh(_config(steps=TOTAL_STEPS), data=2, fsdp=2, tensor=2)
+    c = with_mesh(_config(steps=TOTAL_STEPS), data=2, fsdp=2, tensor=2)
     c.data.cache_dir = shared['cache']
     return losses(train.run(c, str(tmp_path_factory.mktemp('one_process'))))
 
@@ -285,7 +279,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(
         two_process_run, one_process_losses, shared, tmp_path):
     workdir = str(tmp_path / 'resumed')
     shutil.copytree(two_process_run['workdir'], workdir)
-    c = _mesh(_config(steps=TOTAL_STEPS), fsdp=4, tensor=2)   # was data=2, fsdp=2, tensor=2
+    c = with_mesh(_config(steps=TOTAL_STEPS), fsdp=4, tensor=2)   # was data=2, fsdp=2, tensor=2
     c.data.cache_dir = shared['cache']
     result = train.run(c, workdir, devices=jax.devices())
     assert [h['step'] for h in result['history']] == [4, 5, 6]

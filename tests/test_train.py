@@ -10,32 +10,26 @@ import pytest
 
 from pretrain import train
 from pretrain.errors import ConfigError
-from tests.helpers import losses, tiny_config
+from tests.helpers import losses, tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _mesh(c, **ici):
-    c.mesh.ici.update(data=1, fsdp=1, tensor=1, sequence=1)
-    c.mesh.ici.update(**ici)
-    return c
-
-
 @pytest.fixture(scope='module')
 def single_device_losses(tmp_path_factory):
-    c = _mesh(tiny_config(steps=4))
+    c = with_mesh(tiny_config(steps=4))
     return losses(train.run(c, str(tmp_path_factory.mktemp('one')), devices=jax.devices()[:1]))
 
 
 @pytest.mark.parametrize('layout', [dict(data=8), dict(fsdp=4, tensor=2),
                                     dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_training_matches_one_device(layout, single_device_losses, tmp_path):
-    sharded = losses(train.run(_mesh(tiny_config(steps=4), **layout), str(tmp_path)))
+    sharded = losses(train.run(with_mesh(tiny_config(steps=4), **layout), str(tmp_path)))
     np.testing.assert_allclose(sharded, single_device_losses, rtol=2e-5, atol=2e-5)
 
 
 def test_sequence_axis_and_grad_accumulation_match(single_device_losses, tmp_path):
-    c = _mesh(tiny_config(steps=4, grad_accum_steps=2), data=2, sequence=2, tensor=2)
+    c = with_mesh(tiny_config(steps=4, grad_accum_steps=2), data=2, sequence=2, tensor=2)
     np.testing.assert_allclose(losses(train.run(c, str(tmp_path))), single_device_losses,
                                rtol=2e-5, atol=2e-5)
 

@@ -43,6 +43,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, metrics,
 # The multi-process flags (--distributed, --coordinator_address, ...) live in pretrain/distributed.py.
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step on abstract inputs, print '
                                 'its size, FLOPs and memory, and exit; writes nothing.')
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    'dry_run_devices', 0, 'With --dry_run: compile for this many simulated CPU devices instead of '
+    'the devices present, to check a mesh layout for a larger machine (shardings and per-device '
+    'memory as the CPU compiler sees them).')
 
 
 def _flat_shapes(shapes) -> dict[str, list[int]]:
@@ -379,6 +383,12 @@ def main(argv) -> None:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
         raise app.UsageError('--config and --workdir are required')
+    if _DRY_RUN_DEVICES.value:
+        if not _DRY_RUN.value:
+            raise app.UsageError('--dry_run_devices needs --dry_run')
+        # Before anything initialises a backend; afterwards the device count is fixed.
+        jax.config.update('jax_platforms', 'cpu')
+        jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
     try:
         distributed.initialize_from_flags()
     except distributed.DistributedError as e:

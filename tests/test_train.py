@@ -149,3 +149,15 @@ def test_scaling_rule_is_applied_before_the_run_and_recorded(tmp_path):
     assert saved['optim']['b2'] == pytest.approx(1 - 0.01 * k)
     assert saved['optim']['eps'] == pytest.approx(1e-8 / 2)
     assert 'sqrt_adam' in saved['scaling_applied']['explanation']
+
+
+def test_dry_run_checks_a_layout_for_more_devices_than_present(tmp_path):
+    tiny = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.n_layers=1',
+            '--config.data.seq_len=32', '--config.train.global_batch_size=16']
+    out = _cli('--config=configs/lm_tiny.py', '--dry_run', '--dry_run_devices=32', *tiny,
+               '--config.mesh.ici.data=4', '--config.mesh.ici.fsdp=4', '--config.mesh.ici.tensor=2')
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'data': 4, 'fsdp': 4, 'tensor': 2" in out.stdout and 'memory per device' in out.stdout
+    out = _cli('--config=configs/lm_tiny.py', '--dry_run', '--dry_run_devices=32', *tiny,
+               '--config.mesh.ici.data=3')
+    assert out.returncode != 0 and 'but there are 32 devices' in out.stderr

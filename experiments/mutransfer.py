@@ -255,7 +255,24 @@ def write_md(out: dict[str, Any], path: str, command: str, discussion: str) -> N
 
 # Written after reading the recorded results (docs/mutransfer.json); see the tables above.
 DISCUSSION = """
-(pending)
+The LR transfers: across an 8x range of widths the optimal peak LR moves -1.88 octaves under SP
+and +0.13 under muP (+0.14 with output_mult=4), so the stated goal is met at this scale (150
+steps, 2 layers, one seed).
+
+Like the earlier 200-step pilot, muP with the default multipliers loses to tuned SP at width:
+its best held-out loss barely improves from width 64 to 512 (2.193 -> 2.180) while SP's falls to
+1.964. The readout-multiplier ablation explains most of it. With output_mult=4, muP reaches
+2.053 / 2.012 / 2.010 / 2.002, beating SP at widths 64-256 and closing most of the gap at 512,
+and its optimum still transfers. Under muP the readout is multiplied by output_mult/m, so with
+output_mult=1 the logits of a wide model start and stay small, and a short run cannot make up
+for it. muP transfers the optimum of whatever base model it is given; that base model's
+multipliers (output_mult, input_mult) need tuning just like its LR. A passing coordinate check
+does not show this.
+
+Not tested here: longer training, Adam epsilon (scale_eps), the decay mode (independent vs
+coupled), input_mult, and several seeds. Each is one flag of experiments/mutransfer.py. At
+width 512, SP's best point lies at the low edge of its grid, so SP's shift may be larger than
+measured.
 """
 
 

@@ -214,7 +214,7 @@ def write_md(out: dict[str, Any], path: str, command: str) -> None:
 DISCUSSION = """
 Hägele et al. (2024) report that a constant LR with a ~20% 1-sqrt cooldown matches a cosine schedule tuned to the same length, while one constant run serves every budget. This is a single seed on a tiny model with a held-out estimate from 8 batches, so differences of a few hundredths of a nat are within run-to-run noise; read the table as a check of the mechanism (branching, cooldown) rather than a precise ranking.
 
-The peak-LR check rules out that WSD wins only because 0.003 suits it: WSD is ahead of cosine at every peak LR and budget (by 0.06-0.11 nats), and both are best at the lowest LR tried, 0.0015, so the optimum for this 600-step tiny model may lie lower still; the ranking of the two methods does not depend on it.
+The peak-LR check rules out that WSD wins only because 0.003 suits it: WSD is ahead of cosine at every peak LR and budget (by 0.04-0.11 nats), and both are best at the lowest LR tried, 0.0015, so the optimum for this 600-step tiny model may lie lower still; the ranking of the two methods does not depend on it.
 """
 
 

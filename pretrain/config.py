@@ -41,6 +41,23 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype='float32',   # 'bfloat16' for mixed precision
         remat='none',              # 'none' | 'full' | 'dots'
     )
+    # VAR families (model_zoo/var_tokenizer.py, model_zoo/var.py). The next-scale transformer's
+    # width, depth and heads are model.d_model / n_layers / n_heads (configs use the depth
+    # rule d_model = 64 x depth, n_heads = depth); the tokenizer's keys must match stage 1's.
+    c.model.var = dict(
+        patch_nums=(1, 2, 3, 4),   # token-map sizes, coarse to fine; the last is the latent size
+        codebook_size=64,
+        latent_channels=16,        # Cvae
+        base_channels=32,          # tokenizer CNN width at full resolution
+        channel_mult=(1, 2, 2),    # width multiple per resolution level (len - 1 halvings)
+        n_phi=4,                   # shared phi refinement convs
+        phi_ratio=0.5,             # phi(h) = (1 - r) h + r conv(h)
+        beta=0.25,                 # VQ commitment weight
+        dead_code_weight=0.1,      # pull of every code towards its nearest batch feature
+        num_classes=10,            # class labels; index num_classes is the unconditional one
+        cond_dropout=0.1,          # class dropout for classifier-free guidance
+        mlp_ratio=4.0,
+    )
 
     c.data = dict(
         source='stdlib',           # 'stdlib' | 'text_files' | 'tfds'
@@ -56,6 +73,18 @@ def base_config() -> ml_collections.ConfigDict:
         eval_percent=2,            # percent of files held out, chosen by a hash of the path
         max_files=0,               # 0 = all files; small values make quick tests
         cache_dir='',              # tokenized-stream cache; '' = no on-disk cache
+    )
+    # Image data (pretrain/data/images.py), used by families with data='image'.
+    c.data.image = dict(
+        source='digits',           # 'digits' (scikit-learn's bundled 8x8 digits) | 'tfds'
+        image_size=16,
+        eval_percent=10,           # percent of images held out (every k-th image)
+        tfds_name='',              # e.g. 'local_image_folder' (prepared from image_dir)
+        tfds_data_dir='',
+        image_dir='',              # folder of <class>/<image> files for 'local_image_folder'
+        tfds_train_split='train',
+        tfds_eval_split='validation',
+        tokenizer_dir='',          # stage-2 only: the workdir of a trained var_tokenizer run
     )
 
     c.train = dict(

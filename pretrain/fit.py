@@ -16,6 +16,9 @@ whose fields are missing is skipped with a printed reason):
     seed        int    bootstrap resamples seeds, not rows, when runs carry one
     curve       [[step, loss, lr], ...]  step = updates done (the trainer's convention)
     metrics     str    path (relative to DIR) of the run's metrics.jsonl, read for `curve`
+    kind        str    'parent' marks a constant-LR run that cooldowns branch from: only its
+                       curve is used (its last loss is not the end of a schedule)
+    heldout     bool   not used by any fit; its final_loss is compared with the laws' prediction
 
 and writes `DIR/fits.json`, `DIR/fit_summary.md` and PNGs. Fits:
 
@@ -809,6 +812,22 @@ FITS: dict[str, Callable[..., Any]] = {
 }
 
 
+def predict_heldout(fits: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Each held-out run's measured final loss next to what the fitted laws predict for it."""
+    out = []
+    for r in rows:
+        entry: dict[str, Any] = {'name': r.get('name'), 'measured': _loss(r)}
+        if 'power_law' in fits and r.get('flops'):
+            p = fits['power_law']
+            entry['power_law'] = float(PowerLaw(p['E'], p['A'], p['alpha'])(r['flops']))
+        if 'chinchilla' in fits and r.get('params') and r.get('tokens'):
+            p = fits['chinchilla']
+            law = Chinchilla(*(p[k] for k in ('E', 'A', 'B', 'alpha', 'beta')))
+            entry['chinchilla'] = float(law(r['params'], r['tokens']))
+        out.append(entry)
+    return out
+
+
 def _jsonable(x: Any) -> Any:
     """numpy and non-finite floats -> JSON (NaN/inf as strings, as pretrain.metrics writes them)."""
     if isinstance(x, dict):
@@ -828,10 +847,14 @@ def _jsonable(x: Any) -> Any:
 def run(sweep_dir: str, n_boot: int = 200) -> dict[str, Any]:
     """Every fit the rows allow; writes fits.json, fit_summary.md and PNGs into `sweep_dir`."""
     rows = load_results(sweep_dir)
+    heldout = [r for r in rows if r.get('heldout')]
+    rows = [r for r in rows if not r.get('heldout')]
+    # A constant-LR parent's last loss is not the end of a schedule: only its curve is used.
+    ends = [r for r in rows if r.get('kind') != 'parent']
     fits: dict[str, Any] = {'n_runs': len(rows), 'skipped': {}, 'files': []}
     for name, fn in FITS.items():
         try:
-            result = fn(rows, sweep_dir, n_boot, fits['files'])
+            result = fn(rows if name == 'annealing' else ends, sweep_dir, n_boot, fits['files'])
         except (ValueError, np.linalg.LinAlgError) as e:     # one failed fit must not stop the rest
             result = f'fit failed: {e}'
         if isinstance(result, str):
@@ -839,6 +862,8 @@ def run(sweep_dir: str, n_boot: int = 200) -> dict[str, Any]:
             print(f'skipping {name}: {result}')
         else:
             fits[name] = result
+    if heldout:
+        fits['heldout'] = predict_heldout(fits, [r for r in heldout if r.get('kind') != 'parent'])
     fits = _jsonable(fits)
     with open(os.path.join(sweep_dir, 'fits.json'), 'w', encoding='utf-8') as f:
         json.dump(fits, f, indent=1)
@@ -901,6 +926,13 @@ def summary_markdown(fits: Mapping[str, Any]) -> str:
             if 'heldout' in e:
                 lines.append(f'  - held-out {e["heldout"]["run"]}: RMSE {e["heldout"]["rmse"]:.4g}')
         lines.append('')
+    if fits.get('heldout'):
+        lines += ['## Held-out runs (not used by any fit)', '',
+                  '| run | measured | power law L(C) | Chinchilla L(N, D) |', '|---|---|---|---|']
+        fmt = lambda e, k: f'{e[k]:.4f} ({e[k] - e["measured"]:+.4f})' if k in e else 'n/a'  # noqa: E731
+        lines += [f'| {e["name"]} | {e["measured"]:.4f} | {fmt(e, "power_law")} | '
+                  f'{fmt(e, "chinchilla")} |' for e in fits['heldout']]
+        lines += ['', 'In brackets: predicted minus measured.', '']
     if fits['skipped']:
         lines += ['## Skipped', ''] + [f'- {k}: {v}' for k, v in fits['skipped'].items()] + ['']
     if fits['files']:

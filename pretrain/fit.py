@@ -645,7 +645,8 @@ _CONFIG_KEYS = ('flops', 'params', 'tokens', 'lr', 'width')
 def _frontier(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Loss vs compute points for the power law: the lowest loss per iso-FLOP budget when
     budgets hold several configurations (seeds of one configuration averaged first, so that a
-    minimum over seeds does not bias the frontier down), else every configuration."""
+    minimum over seeds does not bias the frontier down), else the Pareto frontier when it has
+    three points, else every configuration."""
     configs: dict[tuple, list[float]] = {}
     for r in rows:
         if math.isfinite(_loss(r)):
@@ -658,6 +659,17 @@ def _frontier(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray
     if len(best) < len(configs) and len(best) >= 3:
         c = np.array(sorted(best))
         return c, np.array([best[b] for b in c])
+    # No shared budgets: the Pareto frontier, i.e. each run that beats every cheaper run.
+    lowest: dict[float, float] = {}
+    for key, losses in configs.items():
+        lowest[key[0]] = min(lowest.get(key[0], math.inf), float(np.mean(losses)))
+    pareto, running = [], math.inf
+    for c in sorted(lowest):
+        if lowest[c] < running:
+            pareto.append(c)
+            running = lowest[c]
+    if len(pareto) >= 3:
+        return np.array(pareto, float), np.array([lowest[c] for c in pareto])
     return (np.array([k[0] for k in configs], float),
             np.array([np.mean(v) for v in configs.values()]))
 

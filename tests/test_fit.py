@@ -257,3 +257,10 @@ def test_curve_read_from_metrics_file(tmp_path):
 def test_import_defines_no_flags():
     from absl import flags
     assert 'sweep_dir' not in flags.FLAGS
+
+
+def test_frontier_without_shared_budgets_is_the_pareto_front():
+    rows = [{'flops': c, 'final_loss': l} for c, l in
+            ((1e15, 4.0), (2.1e15, 4.2), (4.3e15, 3.5), (8.7e15, 3.6), (1.9e16, 3.1), (4.1e16, 2.9))]
+    c, loss = fit._frontier(rows)
+    assert c.tolist() == [1e15, 4.3e15, 1.9e16, 4.1e16] and loss.tolist() == [4.0, 3.5, 3.1, 2.9]

@@ -32,6 +32,12 @@ DEFAULT_RULES: Rules = (
     ('kv_heads', 'tensor'),
     ('head_dim', None),
     ('norm', None),
+    ('inner', 'tensor'),           # SSM expanded dimension d_inner
+    ('ssm_heads', 'tensor'),       # Mamba-2 heads
+    ('ssm_groups', None),
+    ('state', None),               # SSM state size N
+    ('dt_rank', None),
+    ('conv', None),
     ('act_batch', ('data', 'fsdp')),
     ('act_length', 'sequence'),
     ('act_embed', None),
@@ -40,6 +46,8 @@ DEFAULT_RULES: Rules = (
     ('act_head_dim', None),
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
+    ('act_inner', 'tensor'),
+    ('act_ssm_heads', 'tensor'),
 )
 
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar('rules', default=DEFAULT_RULES)

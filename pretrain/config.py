@@ -41,6 +41,22 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype='float32',   # 'bfloat16' for mixed precision
         remat='none',              # 'none' | 'full' | 'dots'
     )
+    # State-space models (family 'mamba', model_zoo/mamba.py); ignored by other families.
+    c.model.ssm = dict(
+        version=1,                 # 1 = Mamba-1 selective scan, 2 = Mamba-2 (SSD)
+        d_state=16,                # N (16 for Mamba-1, 128 for Mamba-2 at full size)
+        d_conv=4,                  # causal depthwise conv width
+        expand=2,                  # d_inner = expand * d_model
+        dt_rank=0,                 # Mamba-1 low-rank dt projection; 0 = ceil(d_model / 16)
+        dt_min=1e-3,               # initial dt ~ exp(U[log dt_min, log dt_max]), >= dt_floor
+        dt_max=1e-1,
+        dt_floor=1e-4,
+        scan='chunked',            # Mamba-1 scan: 'sequential' | 'associative' | 'chunked'
+        chunk_size=64,             # chunked scan and SSD chunk length
+        headdim=64,                # Mamba-2 head dim P (heads = d_inner / P)
+        n_groups=1,                # Mamba-2 groups sharing B and C
+        attn_every=0,              # hybrid: every k-th block is attention + MLP; 0 = none
+    )
     # VAR families (model_zoo/var_tokenizer.py, model_zoo/var.py). The next-scale transformer's
     # width, depth and heads are model.d_model / n_layers / n_heads (configs use the depth
     # rule d_model = 64 x depth, n_heads = depth); the tokenizer's keys must match stage 1's.

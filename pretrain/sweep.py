@@ -287,7 +287,7 @@ def summarize(run: Run, workdir: str, diverged_at: int | None, wall_s: float) ->
         'flops': float(steps * batch * family.flops_per_example(cfg)),
         'steps': steps, 'lr': cfg.optim.lr, 'width': cfg.model.d_model, 'seed': cfg.seed,
         'batch_size': batch, 'scaling_applied': applied, 'overrides': run.spec()['overrides'],
-        'wall_s': wall_s,
+        'wall_s': wall_s, 'config': cfg.to_dict(),
     }
 
 

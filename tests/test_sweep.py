@@ -145,6 +145,7 @@ def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
     assert row['tokens'] == 6 * 8 * 32 and row['flops'] > 6 * row['params'] * row['tokens']
     assert [c[0] for c in row['curve']] == [2, 4, 6]   # the resumed steps logged once
     assert row['final_loss_source'] == 'eval' and row['evals'][-1]['step'] == 6
+    assert row['config']['model']['d_ff'] == 64 and row['config']['optim']['lr'] == 3e-3
     assert rows[0]['params'] < rows[2]['params']
     fits = fit.run(workdir, n_boot=0)
     assert 'power_law' in fits and 'lr_optima' in fits['skipped']

@@ -38,6 +38,7 @@ from typing import Any
 from absl import logging as absl_logging
 
 from pretrain import config as config_lib
+from pretrain import fit
 from pretrain.errors import ConfigError, NonFiniteError
 
 Point = dict[str, Any]
@@ -311,20 +312,9 @@ def collect(runs: Sequence[Run], workdir: str) -> int:
     tmp = os.path.join(workdir, f'results.jsonl.{os.getpid()}.tmp')
     with open(tmp, 'w') as f:
         for row in rows:
-            f.write(json.dumps(_strict(row)) + '\n')
+            f.write(json.dumps(fit._jsonable(row)) + '\n')   # inf -> 'inf': strict JSON
     os.replace(tmp, os.path.join(workdir, 'results.jsonl'))
     return len(rows)
-
-
-def _strict(obj: Any) -> Any:
-    """Non-finite floats as 'inf'/'nan' strings (the metrics.jsonl convention): strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return 'nan' if math.isnan(obj) else ('inf' if obj > 0 else '-inf')
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 # --- Executors --------------------------------------------------------------------------------

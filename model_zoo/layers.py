@@ -103,6 +103,35 @@ class Attention(nnx.Module):
                              ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
         return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
 
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
+        """Empty key/value cache for generation: k and v of shape [B, max_len, G, K]."""
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+    def decode(self, x_BLD: jax.Array, positions_L: jax.Array,
+               cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Attention of L new tokens at consecutive `positions_L` over the cache plus themselves."""
+        dt = x_BLD.dtype
+        q_BLHK = rope(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), positions_L,
+                      self.rope_theta)
+        k_BLGK = rope(jnp.einsum('bld,dgk->blgk', x_BLD, self.wk[...].astype(dt)), positions_L,
+                      self.rope_theta)
+        v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, self.wv[...].astype(dt))
+        start = positions_L[0]
+        k_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BLGK.astype(cache['k'].dtype), start, 1)
+        v_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BLGK.astype(cache['v'].dtype), start, 1)
+        B, L, H, K = q_BLHK.shape
+        G = self.n_kv_heads
+        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+        logits_BGRLM = jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BMGK.astype(dt),
+                                  preferred_element_type=jnp.float32) * self.logit_scale
+        visible_LM = jnp.arange(k_BMGK.shape[1])[None, :] <= positions_L[:, None]
+        logits_BGRLM = jnp.where(visible_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
+        probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)
+        out_BLHK = jnp.einsum('bgrlm,bmgk->blgrk', probs_BGRLM, v_BMGK.astype(dt)).reshape(B, L, H, K)
+        out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
+        return out_BLD, {'k': k_BMGK, 'v': v_BMGK}
+
 
 class SwiGLU(nnx.Module):
     """Gated MLP: down(silu(x W_gate) * x W_up)."""

@@ -33,6 +33,16 @@ class Block(nnx.Module):
         x_BLD = constrain(x_BLD + r * self.attn(self.attn_norm(x_BLD), positions_L), ACT_BLD)
         return constrain(x_BLD + r * self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
 
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
+        return self.attn.init_cache(batch, max_len, dtype)
+
+    def decode(self, x_BLD: jax.Array, positions_L: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The block on L new tokens, attending to the cached keys and values (generation)."""
+        r = self.residual_mult
+        attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), positions_L, cache)
+        x_BLD = x_BLD + r * attn_BLD
+        return x_BLD + r * self.mlp(self.mlp_norm(x_BLD)), cache
+
 
 class Transformer(nnx.Module):
     """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
@@ -72,6 +82,39 @@ class Transformer(nnx.Module):
         if capture is not None:
             capture['logits'] = logits_BLV
         return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
+
+    def _readout(self, x_BLD: jax.Array) -> jax.Array:
+        x_BLD = self.final_norm(x_BLD)
+        if self.head is None:
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
+        return logits_BLV.astype(jnp.float32) * self.readout_mult
+
+    # Generation with a key/value cache (model_zoo/sample.py): the cache is a plain pytree.
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """Per-layer key/value buffers of max_len positions and the next position to write."""
+        return {'pos': jnp.zeros((), jnp.int32),
+                'layers': [b.init_cache(batch, max_len, self.compute_dtype) for b in self.blocks]}
+
+    def _decode(self, tokens_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        positions_L = cache['pos'] + jnp.arange(tokens_BL.shape[1])
+        x_BLD = self.embed(tokens_BL, self.compute_dtype) * self.embedding_mult
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache['layers']):
+            x_BLD, layer_cache = block.decode(x_BLD, positions_L, layer_cache)
+            layers.append(layer_cache)
+        return self._readout(x_BLD), {'pos': cache['pos'] + tokens_BL.shape[1], 'layers': layers}
+
+    def prefill(self, tokens_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Processes a prompt in one pass; returns the last position's logits [B, V]."""
+        logits_BLV, cache = self._decode(tokens_BL, cache)
+        return logits_BLV[:, -1], cache
+
+    def step(self, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """One new token per sequence -> its next-token logits [B, V]."""
+        logits_BLV, cache = self._decode(tokens_B[:, None], cache)
+        return logits_BLV[:, 0], cache
 
 
 def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:

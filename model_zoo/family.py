@@ -22,6 +22,12 @@ class Family:
     tokens_per_example: Callable[[Any], int]
     validate: Callable[[Any, dict[str, int]], None]       # (config, mesh axis sizes) -> raise
     data: str = 'text'                                    # which data pipeline it consumes
+    # Optional: config -> a frozen numpy batch -> batch function the data pipeline runs on
+    # every local batch (VAR stage 2 encodes images with its frozen tokenizer there).
+    prepare: Callable[[Any], Callable[[dict], dict]] | None = None
+    # Optional: config -> {key: ShapeDtypeStruct of one example}, the batch --dry_run compiles
+    # with; None means the text batch {'inputs', 'targets'}: int32[seq_len].
+    example_spec: Callable[[Any], dict[str, jax.ShapeDtypeStruct]] | None = None
 
 
 FAMILIES: Registry[Family] = Registry('model.family')

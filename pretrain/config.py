@@ -220,6 +220,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
         if cfg.model.vocab_size < vocab:
             raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
                               f'{cfg.data.tokenizer!r} tokenizer vocabulary ({vocab})')
+    elif family.data == 'image':
+        data.check_image_config(cfg.data.image)
 
     optim.validate(cfg.optim)
     parametrization.from_config(cfg)

@@ -70,13 +70,19 @@ def _global_batch(local: dict[str, np.ndarray], sharding, global_rows: int) -> d
             for k, v in local.items()}
 
 
+def _batch_axes(family) -> tuple[str, ...]:
+    # Text shards (batch, sequence); other batches hold arrays of several ranks (labels [B],
+    # images [B, H, W, C]) and shard only their batch axis.
+    return step_lib.BATCH_AXES if family.data == 'text' else step_lib.BATCH_AXES[:1]
+
+
 def _compile_parts(cfg, family, md, schedule, mesh, rules):
     """Optimizer, abstract state, shardings and the jitted train step (inside the mesh context)."""
     p13n = parametrization.from_config(cfg)
     tx = optim.make_optimizer(cfg.optim, schedule, md.info, p13n)
     abstract = jax.eval_shape(state_lib.init_fn(family.build, cfg, tx), jax.random.PRNGKey(0))
     shardings = state_lib.state_shardings(md, tx, mesh, rules, abstract)
-    batch_sharding = mesh_lib.named_sharding(mesh, step_lib.BATCH_AXES)
+    batch_sharding = mesh_lib.named_sharding(mesh, _batch_axes(family))
     train_step = jax.jit(
         step_lib.make_train_step(family.loss, md, tx, schedule, cfg.train.grad_accum_steps,
                                  optim.applied_rates(cfg.optim, schedule, md.info, p13n)),
@@ -162,8 +168,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     ckpt = ckpt or ckpt_lib.Checkpointer(ckpt_dir, cfg.checkpoint)
 
     t = cfg.train
-    pipeline = data_lib.make_text_pipeline(
-        cfg.data, global_batch_size=t.global_batch_size, num_eval_batches=t.eval_batches,
+    pipeline = data_lib.make_pipeline(
+        cfg, family, global_batch_size=t.global_batch_size, num_eval_batches=t.eval_batches,
         seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = pipeline.train_iterator()
     # Measured outside the mesh context: a CPU peak is a single-device matmul.
@@ -186,7 +192,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             state = jax.jit(state_lib.init_fn(family.build, cfg, tx), out_shardings=shardings)(
                 jax.random.PRNGKey(cfg.seed))
 
-        byte_lengths = jnp.asarray(pipeline.tokenizer.byte_lengths, jnp.float32)
+        byte_lengths = (None if pipeline.tokenizer is None   # bits/byte only for text
+                        else jnp.asarray(pipeline.tokenizer.byte_lengths, jnp.float32))
         eval_step = jax.jit(step_lib.make_eval_step(family.loss, md, byte_lengths),
                             in_shardings=(shardings.params, batch_sharding))
 
@@ -314,6 +321,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _abstract_batch(cfg, family, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    if family.example_spec is not None:
+        return {k: jax.ShapeDtypeStruct((cfg.train.global_batch_size, *s.shape), s.dtype,
+                                        sharding=sharding)
+                for k, s in family.example_spec(cfg).items()}
     if family.data != 'text':
         raise ConfigError(f'--dry_run does not know the batch of data kind {family.data!r}')
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)

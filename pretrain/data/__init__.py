@@ -1,8 +1,26 @@
-"""Text data: tokenizers, document sources and the packed, shuffled batch pipeline."""
+"""Data pipelines: text (tokenizers, sources, packed windows) and images; `make_pipeline` picks one."""
 
+from typing import Any
+
+from pretrain.data.images import ImagePipeline, check_image_config, make_image_pipeline
 from pretrain.data.sources import check_data_config
 from pretrain.data.text import TextPipeline, make_text_pipeline
 from pretrain.data.tokenizers import TOKENIZERS, make_tokenizer
 
-__all__ = ['TOKENIZERS', 'TextPipeline', 'check_data_config', 'make_text_pipeline',
+__all__ = ['TOKENIZERS', 'ImagePipeline', 'TextPipeline', 'check_data_config',
+           'check_image_config', 'make_image_pipeline', 'make_pipeline', 'make_text_pipeline',
            'make_tokenizer']
+
+
+def make_pipeline(cfg: Any, family: Any, **kwargs) -> TextPipeline | ImagePipeline:
+    """The pipeline `family.data` names, for the full config; kwargs as make_text_pipeline's."""
+    if family.data == 'text':
+        return make_text_pipeline(cfg.data, **kwargs)
+    if family.data == 'image':
+        if family.prepare is None:
+            return make_image_pipeline(cfg.data.image, **kwargs)
+        # A family with a frozen preprocessing stage is the class-conditional VAR stage 2: its
+        # class table must cover every label of the data.
+        return make_image_pipeline(cfg.data.image, num_classes=cfg.model.var.num_classes,
+                                   transform=family.prepare(cfg), **kwargs)
+    raise ValueError(f'unknown data kind {family.data!r} of model.family={cfg.model.family!r}')

@@ -1,0 +1,416 @@
+"""VAR stage 2: a class-conditional next-scale transformer over the tokenizer's multi-scale codes.
+
+Sequence: scale 1's tokens (class embedding + start positions), then for every later scale k
+the word-embedded area(f_hat after scale k-1, pn_k) (teacher forcing), each plus level and
+position embeddings. Attention is block-causal: token i sees j iff level(j) <= level(i). Blocks
+are AdaLN-modulated by the class embedding. Loss: cross-entropy over all scales' codes; class
+labels are dropped to the unconditional index with probability cond_dropout (for CFG).
+
+The frozen tokenizer lives in the data pipeline (`prepare`): it turns each batch of images into
+{'codes': i32[B, L], 'inputs': f32[B, L - pn_1^2, Cvae], 'labels', 'u'}, so the trained model
+holds only its own parameters.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from model_zoo import var_tokenizer
+from model_zoo.family import FAMILIES, Batch, Family
+from model_zoo.layers import normal, param
+from pretrain import parametrization
+from pretrain.errors import ConfigError
+from pretrain.mesh import constrain
+from pretrain.parametrization import Parametrization
+
+ACT_BLD = ('act_batch', 'act_length', 'act_embed')
+# Keys of model.var that must equal the stage-1 tokenizer's.
+TOKENIZER_KEYS = ('patch_nums', 'codebook_size', 'latent_channels', 'base_channels',
+                  'channel_mult', 'n_phi', 'phi_ratio')
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def scale_bounds(patch_nums) -> list[tuple[int, int]]:
+    """[begin, end) of every scale's tokens in the flattened sequence."""
+    out, begin = [], 0
+    for pn in patch_nums:
+        out.append((begin, begin + pn * pn))
+        begin += pn * pn
+    return out
+
+
+def levels(patch_nums) -> np.ndarray:
+    """The scale index of every token, [L]."""
+    return np.concatenate([np.full(pn * pn, k, np.int32) for k, pn in enumerate(patch_nums)])
+
+
+def block_causal_mask(patch_nums) -> np.ndarray:
+    """[L, L] bool: query i may attend to key j iff level(j) <= level(i)."""
+    lv = levels(patch_nums)
+    return lv[:, None] >= lv[None, :]
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without gain or bias (AdaLN supplies both), in float32."""
+    x32 = x.astype(jnp.float32)
+    mu = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean((x32 - mu) ** 2, -1, keepdims=True)
+    return ((x32 - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class AdaLN(nnx.Module):
+    """silu(cond) -> n modulation vectors [B, n, D] (shifts, scales, gates)."""
+
+    def __init__(self, d: int, n: int, init_std: float, param_dtype: str, rngs: nnx.Rngs):
+        self.w = param(rngs, normal(init_std), (d, n, d), ('embed', None, None), 'hidden', param_dtype)
+        self.b = param(rngs, _zeros, (n, d), (None, 'norm'), 'vector', param_dtype)
+
+    def __call__(self, cond_BD: jax.Array) -> jax.Array:
+        return jnp.einsum('bd,dne->bne', jax.nn.silu(cond_BD), self.w[...].astype(cond_BD.dtype)) \
+            + self.b[...].astype(cond_BD.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head attention with an explicit mask and an optional key/value cache."""
+
+    def __init__(self, d: int, heads: int, logit_scale: float, init_std: float, param_dtype: str,
+                 rngs: nnx.Rngs):
+        K = d // heads
+        self.logit_scale = logit_scale
+        init = normal(init_std)
+        self.wq = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wk = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wv = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wo = param(rngs, init, (heads, K, d), ('heads', 'head_dim', 'embed'), 'hidden', param_dtype)
+
+    def __call__(self, x_BLD: jax.Array, mask_LM: jax.Array | None,
+                 cache: tuple[jax.Array, jax.Array] | None = None):
+        """Returns (output, (keys, values)); with a cache the new keys follow the cached ones."""
+        dt = x_BLD.dtype
+        act = ('act_batch', 'act_length', 'act_heads', 'act_head_dim')
+        q_BLHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), act)
+        k_BMHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt)), act)
+        v_BMHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(dt)), act)
+        if cache is not None:
+            k_BMHK = jnp.concatenate([cache[0], k_BMHK], axis=1)
+            v_BMHK = jnp.concatenate([cache[1], v_BMHK], axis=1)
+        logits_BHLM = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BMHK,
+                                 preferred_element_type=jnp.float32) * self.logit_scale
+        if mask_LM is not None:
+            logits_BHLM = jnp.where(mask_LM, logits_BHLM, jnp.finfo(jnp.float32).min)
+        probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
+        out_BLHK = constrain(jnp.einsum('bhlm,bmhk->blhk', probs_BHLM, v_BMHK), act)
+        return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt)), (k_BMHK, v_BMHK)
+
+
+class MLP(nnx.Module):
+    """fc2(gelu(fc1 x)) with biases."""
+
+    def __init__(self, d: int, d_ff: int, init_std: float, param_dtype: str, rngs: nnx.Rngs):
+        init = normal(init_std)
+        self.w1 = param(rngs, init, (d, d_ff), ('embed', 'mlp'), 'hidden', param_dtype)
+        self.b1 = param(rngs, _zeros, (d_ff,), ('mlp',), 'vector', param_dtype)
+        self.w2 = param(rngs, init, (d_ff, d), ('mlp', 'embed'), 'hidden', param_dtype)
+        self.b2 = param(rngs, _zeros, (d,), ('norm',), 'vector', param_dtype)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        dt = x_BLD.dtype
+        h = jnp.einsum('bld,df->blf', x_BLD, self.w1[...].astype(dt)) + self.b1[...].astype(dt)
+        h = constrain(jax.nn.gelu(h), ('act_batch', 'act_length', 'act_mlp'))
+        return jnp.einsum('blf,fd->bld', h, self.w2[...].astype(dt)) + self.b2[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """AdaLN block: x + r (1 + g1) attn(ln(x)(1 + s1) + b1), then the same around the MLP."""
+
+    def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
+        d, pd = m.d_model, m.param_dtype
+        self.residual_mult = p13n.residual_mult()
+        self.ada = AdaLN(d, 6, m.init_std, pd, rngs)
+        self.attn = SelfAttention(d, m.n_heads, p13n.attn_logit_scale(d // m.n_heads),
+                                  m.init_std, pd, rngs)
+        self.mlp = MLP(d, int(round(m.var.mlp_ratio * d)), m.init_std, pd, rngs)
+
+    def __call__(self, x_BLD, cond_BD, mask_LM, cache=None):
+        # Gates are 1 + g, not VAR's near-zero g: a tiny model must learn in a few hundred steps.
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(cond_BD)[:, :, None], 6, 1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (
+            t[:, 0] for t in (shift1, scale1, gate1, shift2, scale2, gate2))
+        r = self.residual_mult
+        h, kv = self.attn(layer_norm(x_BLD) * (1 + scale1) + shift1, mask_LM, cache)
+        x_BLD = constrain(x_BLD + r * (1 + gate1) * h, ACT_BLD)
+        h = self.mlp(layer_norm(x_BLD) * (1 + scale2) + shift2)
+        return constrain(x_BLD + r * (1 + gate2) * h, ACT_BLD), kv
+
+
+class VAR(nnx.Module):
+    """(teacher-forcing inputs [B, L - pn_1^2, Cvae], labels [B]) -> logits [B, L, V] (float32)."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs, p13n: Parametrization | None = None):
+        m, v = cfg.model, cfg.model.var
+        p13n = p13n or Parametrization()
+        d, pd, std = m.d_model, m.param_dtype, m.init_std
+        self.patch_nums = tuple(int(p) for p in v.patch_nums)
+        self.num_classes, self.cond_dropout = v.num_classes, v.cond_dropout
+        self.compute_dtype = jnp.dtype(m.compute_dtype)
+        self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
+        L, first = sum(p * p for p in self.patch_nums), self.patch_nums[0] ** 2
+        emb = lambda shape: param(rngs, normal(std), shape, (None, 'embed'), 'embedding', pd)  # noqa: E731
+        self.class_emb = emb((v.num_classes + 1, d))   # the last row is the unconditional class
+        self.pos_start = emb((first, d))
+        self.pos_emb = emb((L, d))
+        self.level_emb = emb((len(self.patch_nums), d))
+        self.word_w = emb((v.latent_channels, d))
+        self.word_b = param(rngs, _zeros, (d,), ('norm',), 'vector', pd)
+        self.blocks = nnx.List([Block(m, p13n, rngs) for _ in range(m.n_layers)])
+        self.head_ada = AdaLN(d, 2, std, pd, rngs)
+        self.head = param(rngs, normal(std), (d, v.codebook_size), ('embed', 'vocab'), 'readout', pd)
+
+    def embed(self, begin: int, end: int, inputs_BlC: jax.Array | None, cond_BD: jax.Array):
+        """Token embeddings of positions [begin, end): start tokens at 0, word embedding after."""
+        first = self.patch_nums[0] ** 2
+        dt = self.compute_dtype
+        parts = []
+        if begin < first:
+            parts.append(jnp.broadcast_to(cond_BD[:, None], (cond_BD.shape[0], first, cond_BD.shape[1]))
+                         + self.pos_start[...].astype(dt))
+        if end > first:
+            parts.append(jnp.einsum('blc,cd->bld', inputs_BlC.astype(dt), self.word_w[...].astype(dt))
+                         + self.word_b[...].astype(dt))
+        x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        lv = jnp.asarray(levels(self.patch_nums)[begin:end])
+        x = x + self.pos_emb[begin:end].astype(dt) + jnp.take(self.level_emb[...], lv, axis=0).astype(dt)
+        return constrain(x * self.embedding_mult, ACT_BLD)
+
+    def condition(self, labels_B: jax.Array) -> jax.Array:
+        return jnp.take(self.class_emb[...], labels_B, axis=0).astype(self.compute_dtype)
+
+    def logits(self, x_BLD: jax.Array, cond_BD: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.head_ada(cond_BD)[:, :, None], 2, 1)
+        h = layer_norm(x_BLD) * (1 + scale[:, 0]) + shift[:, 0]
+        logits_BLV = jnp.einsum('bld,dv->blv', h, self.head[...].astype(h.dtype))
+        return constrain(logits_BLV.astype(jnp.float32) * self.readout_mult,
+                         ('act_batch', 'act_length', 'act_vocab'))
+
+    def __call__(self, inputs_BlC: jax.Array, labels_B: jax.Array) -> jax.Array:
+        """Teacher forcing: every scale at once under the block-causal mask."""
+        cond_BD = self.condition(labels_B)
+        L = sum(p * p for p in self.patch_nums)
+        x_BLD = self.embed(0, L, inputs_BlC, cond_BD)
+        mask_LM = jnp.asarray(block_causal_mask(self.patch_nums))
+        for block in self.blocks:
+            x_BLD, _ = block(x_BLD, cond_BD, mask_LM)
+        return self.logits(x_BLD, cond_BD)
+
+    def scale_step(self, k: int, inputs_BlC: jax.Array | None, cond_BD: jax.Array,
+                   cache: list | None):
+        """Scale k's logits [B, pn_k^2, V] from its inputs and the cache of scales < k.
+
+        Every cached key has level < k and the new ones level k, so no mask is needed.
+        Returns (logits, cache including scale k).
+        """
+        begin, end = scale_bounds(self.patch_nums)[k]
+        x_BlD = self.embed(begin, end, inputs_BlC, cond_BD)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x_BlD, kv = block(x_BlD, cond_BD, None, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.logits(x_BlD, cond_BD), new_cache
+
+
+def var_loss(model: VAR, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over all scales' tokens; per-scale losses as metrics."""
+    labels = jnp.where(batch['u'] < model.cond_dropout, model.num_classes, batch['labels'])
+    logits_BLV = model(batch['inputs'], labels)
+    nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['codes'])
+    loss = jnp.mean(nll_BL)
+    metrics = {'loss': loss}
+    for pn, (b, e) in zip(model.patch_nums, scale_bounds(model.patch_nums)):
+        metrics[f'loss_{pn}x{pn}'] = jnp.mean(nll_BL[:, b:e])
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- frozen stage 1
+
+def _tokenizer_error(cfg, problem: str) -> ConfigError:
+    return ConfigError(f'data.image.tokenizer_dir={cfg.data.image.tokenizer_dir!r}: {problem}. '
+                       'Set it to the --workdir of a finished var_tokenizer run.')
+
+
+def tokenizer_record(cfg) -> tuple[str, int, dict]:
+    """(checkpoint folder, latest step, its JSON record) of the stage-1 run; ConfigError if absent."""
+    from pretrain import checkpoint as ckpt_lib
+
+    workdir = cfg.data.image.tokenizer_dir
+    if not workdir:
+        raise _tokenizer_error(cfg, 'empty')
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(ckpt_dir):
+        raise _tokenizer_error(cfg, f'no tokenizer checkpoint ({ckpt_dir} does not exist)')
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, cfg.checkpoint, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise _tokenizer_error(cfg, f'no tokenizer checkpoint ({ckpt_dir} holds no saved step)')
+    record = ckpt.read_record(step)
+    ckpt.close()
+    return ckpt_dir, step, record
+
+
+def check_tokenizer(cfg) -> None:
+    """The stage-1 checkpoint exists, is a var_tokenizer and matches model.var and the image size."""
+    _, step, record = tokenizer_record(cfg)
+    saved = record['config']
+    if saved['model']['family'] != 'var_tokenizer':
+        raise _tokenizer_error(cfg, f"step {step} is a {saved['model']['family']!r} run, not "
+                                    'var_tokenizer')
+    norm = lambda x: list(x) if isinstance(x, (list, tuple)) else x  # noqa: E731  (JSON lists)
+    diffs = [f'model.var.{k}: tokenizer {norm(saved["model"]["var"][k])!r} vs config '
+             f'{norm(cfg.model.var[k])!r}' for k in TOKENIZER_KEYS
+             if norm(saved['model']['var'][k]) != norm(cfg.model.var[k])]
+    if saved['data']['image']['image_size'] != cfg.data.image.image_size:
+        diffs.append(f"data.image.image_size: tokenizer {saved['data']['image']['image_size']} vs "
+                     f'config {cfg.data.image.image_size}')
+    if diffs:
+        raise _tokenizer_error(cfg, 'the tokenizer was trained with other settings: ' + '; '.join(diffs))
+
+
+def restore_model(workdir: str, ckpt_cfg=None, device: jax.Device | None = None):
+    """(model, its config, step) from the latest checkpoint of a finished run, read-only.
+
+    Rebuilds the saved train state's abstract shape (optimizer included) from the run's own
+    config and restores it onto one device; only the model's parameters are kept.
+    """
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from pretrain import checkpoint as ckpt_lib
+    from pretrain import optim, schedules
+    from pretrain import state as state_lib
+
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    probe = ckpt_lib.Checkpointer(ckpt_dir, ckpt_cfg or _read_only_ckpt_cfg(), read_only=True)
+    step = probe.latest_step()
+    if step is None:
+        raise ConfigError(f'{ckpt_dir} holds no checkpoint')
+    cfg = ml_collections.ConfigDict(probe.read_record(step)['config'])
+    family = FAMILIES.get(cfg.model.family)
+    md = state_lib.model_def(family.build, cfg)
+    spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
+    tx = optim.make_optimizer(cfg.optim, schedules.make_schedule(spec), md.info,
+                              parametrization.from_config(cfg))
+    abstract = jax.eval_shape(state_lib.init_fn(family.build, cfg, tx), jax.random.PRNGKey(0))
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          abstract)
+    state = probe.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+    probe.close()
+    return md.merge(state.params), cfg, step
+
+
+def _read_only_ckpt_cfg():
+    import ml_collections
+    return ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, every_steps=1,
+                                          async_save=False))
+
+
+def load_tokenizer(cfg, device: jax.Device | None = None) -> tuple[var_tokenizer.VQVAE, int]:
+    """The frozen stage-1 model of data.image.tokenizer_dir (checked first) and its step."""
+    check_tokenizer(cfg)
+    model, _, step = restore_model(cfg.data.image.tokenizer_dir, cfg.checkpoint, device)
+    return model, step
+
+
+def make_prepare(cfg):
+    """The pipeline's frozen stage-1 encoding: images -> codes and teacher-forcing inputs."""
+    tokenizer, _ = load_tokenizer(cfg)
+    graphdef, params = nnx.split(tokenizer)
+
+    @jax.jit
+    def encode(params, images_BHWC):
+        model = nnx.merge(graphdef, params)
+        codes = model.encode(images_BHWC)
+        return jnp.concatenate(codes, axis=1), model.teacher_inputs(codes)
+
+    def prepare(batch: dict) -> dict:
+        codes, inputs = jax.device_get(encode(params, batch['images']))
+        return {'codes': np.asarray(codes, np.int32), 'inputs': np.asarray(inputs, np.float32),
+                'labels': batch['labels'], 'u': batch['u']}
+
+    return prepare
+
+
+# ----------------------------------------------------------------------------- family
+
+def example_spec(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    v = cfg.model.var
+    L = sum(p * p for p in v.patch_nums)
+    first = v.patch_nums[0] ** 2
+    return {'codes': jax.ShapeDtypeStruct((L,), jnp.int32),
+            'inputs': jax.ShapeDtypeStruct((L - first, v.latent_channels), jnp.float32),
+            'labels': jax.ShapeDtypeStruct((), jnp.int32),
+            'u': jax.ShapeDtypeStruct((), jnp.float32)}
+
+
+def matmul_params(cfg) -> int:
+    """Per-token matmul parameters: attention, MLP, AdaLN, word embedding and head."""
+    m, v = cfg.model, cfg.model.var
+    d, f = m.d_model, int(round(m.var.mlp_ratio * m.d_model))
+    per_block = 4 * d * d + 2 * d * f
+    return m.n_layers * per_block + v.latent_channels * d + d * v.codebook_size
+
+
+def flops_per_example(cfg) -> float:
+    """6 N L for the per-token matmuls, 12 layers L^2 d for attention, plus the AdaLN matmuls."""
+    m, v = cfg.model, cfg.model.var
+    L = sum(p * p for p in v.patch_nums)
+    ada = 6.0 * (m.n_layers * 6 + 2) * m.d_model ** 2   # once per example, not per token
+    return 6.0 * matmul_params(cfg) * L + 12.0 * m.n_layers * L * L * m.d_model + ada
+
+
+def validate(cfg, axes: dict[str, int]) -> None:
+    """Shape and mesh checks, then the stage-1 checkpoint (before any compute)."""
+    from pretrain.errors import check_choice
+
+    m, v = cfg.model, cfg.model.var
+    var_tokenizer.check_config(cfg, axes)
+    check_choice('model.compute_dtype', m.compute_dtype, ('float32', 'bfloat16'))
+    check_choice('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
+    for key in ('d_model', 'n_layers', 'n_heads'):
+        if int(m[key]) < 1:
+            raise ConfigError(f'model.{key}={m[key]} must be a positive integer')
+    if m.d_model % m.n_heads:
+        raise ConfigError(f'model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}')
+    for key, value in (('model.n_heads', m.n_heads), ('model.var.codebook_size', v.codebook_size),
+                       ('model.var.mlp_ratio x d_model', int(round(v.mlp_ratio * m.d_model)))):
+        if value % axes['tensor']:
+            raise ConfigError(f'{key}={value} must be divisible by the tensor axis size {axes["tensor"]}')
+    if m.d_model % axes['fsdp']:
+        raise ConfigError(f'model.d_model={m.d_model} must be divisible by the fsdp axis size {axes["fsdp"]}')
+    check_tokenizer(cfg)
+
+
+def depth_rule(depth: int) -> dict[str, int]:
+    """VAR's shape rule: width 64 x depth, heads = depth."""
+    return dict(n_layers=depth, d_model=64 * depth, n_heads=depth)
+
+
+FAMILIES.register('var')(Family(
+    build=lambda cfg, rngs: VAR(cfg, rngs, parametrization.from_config(cfg)),
+    loss=var_loss,
+    flops_per_example=flops_per_example,
+    tokens_per_example=lambda cfg: sum(p * p for p in cfg.model.var.patch_nums),
+    validate=validate,
+    data='image',
+    prepare=make_prepare,
+    example_spec=example_spec,
+))
+

@@ -1,0 +1,152 @@
+"""VAR sampling: scale by scale with a key/value cache, classifier-free guidance, top-k / top-p.
+
+    python -m model_zoo.var_sample --workdir=runs/var --out=samples.png --per_class=4
+
+K scales take K transformer calls (a raster-order model of the same token count needs one call
+per token). Guidance: logits = (1 + t) cond - t uncond, with t = cfg_scale * k / (K - 1)
+rising over the scales.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model_zoo.var import VAR
+from model_zoo.var_tokenizer import VQVAE, next_input
+
+
+def filter_logits(logits_BNV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Masks all but the top_k logits (0 = all), then all outside the top_p probability mass."""
+    neg = jnp.finfo(logits_BNV.dtype).min
+    if 0 < top_k < logits_BNV.shape[-1]:
+        kth = jax.lax.top_k(logits_BNV, top_k)[0][..., -1:]
+        logits_BNV = jnp.where(logits_BNV < kth, neg, logits_BNV)
+    if 0.0 < top_p < 1.0:
+        sorted_BNV = jnp.sort(logits_BNV, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_BNV, axis=-1)
+        # Keep a token while the mass before it is below top_p (the first token always stays).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_BNV, jnp.inf), axis=-1, keepdims=True)
+        logits_BNV = jnp.where(logits_BNV < threshold, neg, logits_BNV)
+    return logits_BNV
+
+
+Choose = Callable[[int, jax.Array], jax.Array]   # (scale k, logits [B, n, V]) -> codes [B, n]
+
+
+def decode_scales(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, choose: Choose,
+                  cfg_scale: float = 0.0):
+    """Runs the scales in order with a KV cache; `choose` picks each scale's codes.
+
+    Returns (f_hat [B, h, w, C], codes per scale, guided logits per scale).
+    """
+    pns = model.patch_nums
+    K, B = len(pns), labels_B.shape[0]
+    guided = cfg_scale > 0
+    if guided:   # one batch: conditional rows, then unconditional rows
+        labels_B = jnp.concatenate([labels_B, jnp.full_like(labels_B, model.num_classes)])
+    cond_BD = model.condition(labels_B)
+    h = tokenizer.latent_size
+    f_hat = jnp.zeros((B, h, h, tokenizer.quantizer.codebook.shape[1]), jnp.float32)
+    cache, inputs, codes, all_logits = None, None, [], []
+    for k in range(K):
+        logits, cache = model.scale_step(k, inputs, cond_BD, cache)
+        if guided:
+            t = cfg_scale * k / max(K - 1, 1)
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+        idx_Bn = choose(k, logits)
+        all_logits.append(logits)
+        codes.append(idx_Bn)
+        f_hat = f_hat + tokenizer.quantizer.scale_feature(idx_Bn, k)
+        if k + 1 < K:
+            inputs = next_input(f_hat, pns[k + 1])
+            if guided:
+                inputs = jnp.concatenate([inputs, inputs])
+    return f_hat, codes, all_logits
+
+
+def sample(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, key: jax.Array, *,
+           cfg_scale: float = 1.5, top_k: int = 0, top_p: float = 1.0,
+           temperature: float = 1.0) -> tuple[jax.Array, list[jax.Array]]:
+    """(images in [-1, 1] [B, H, W, 3], codes per scale) for the given class labels."""
+    gv, pv = nnx.split(model)
+    gt, pt = nnx.split(tokenizer)
+    fn = _sampler(gv, gt, float(cfg_scale), int(top_k), float(top_p), float(temperature))
+    return fn(pv, pt, labels_B, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(gv, gt, cfg_scale, top_k, top_p, temperature):
+    @jax.jit
+    def run(pv, pt, labels_B, key):
+        model, tokenizer = nnx.merge(gv, pv), nnx.merge(gt, pt)
+        keys = jax.random.split(key, len(model.patch_nums))
+
+        def choose(k, logits):
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            return jax.random.categorical(keys[k], logits, axis=-1).astype(jnp.int32)
+
+        f_hat, codes, _ = decode_scales(model, tokenizer, labels_B, choose, cfg_scale)
+        return jnp.clip(tokenizer.decode(f_hat), -1.0, 1.0), codes
+    return run
+
+
+def sampling_steps(patch_nums) -> dict[str, int]:
+    """Sequential model calls per image: next-scale (one per scale) vs raster (one per token)."""
+    return {'next_scale': len(patch_nums), 'raster': sum(p * p for p in patch_nums)}
+
+
+def to_uint8(images_BHWC) -> np.ndarray:
+    return np.round((np.asarray(images_BHWC, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def save_grid(images_BHWC, path: str, ncol: int, upscale: int = 4) -> None:
+    """A PNG grid of images in [-1, 1], row-major, each enlarged `upscale` times (nearest)."""
+    from PIL import Image
+
+    x = to_uint8(images_BHWC)
+    B, H, W, C = x.shape
+    nrow = -(-B // ncol)
+    pad = 2
+    grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, C), 255, np.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
+    grid = np.repeat(np.repeat(grid, upscale, 0), upscale, 1)
+    Image.fromarray(grid).save(path)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from model_zoo import var as var_lib
+
+    f = flags.FLAGS
+    model, cfg, step = var_lib.restore_model(f.workdir)
+    tokenizer, _ = var_lib.load_tokenizer(cfg)
+    n = cfg.model.var.num_classes
+    labels = jnp.repeat(jnp.arange(n, dtype=jnp.int32), f.per_class)
+    images, _ = sample(model, tokenizer, labels, jax.random.PRNGKey(f.seed), cfg_scale=f.cfg_scale,
+                       top_k=f.top_k, top_p=f.top_p)
+    # One column per class: row r holds the r-th sample of every class.
+    order = np.arange(n * f.per_class).reshape(n, f.per_class).T.reshape(-1)
+    save_grid(np.asarray(images)[order], f.out, ncol=n)
+    print(f'{f.out}: {n} classes x {f.per_class} samples from step {step}; '
+          f'{sampling_steps(cfg.model.var.patch_nums)}')
+
+
+if __name__ == '__main__':
+    from absl import app, flags
+
+    flags.DEFINE_string('workdir', None, 'A finished var (stage 2) run.', required=True)
+    flags.DEFINE_string('out', 'samples.png', 'PNG grid to write (one column per class).')
+    flags.DEFINE_integer('per_class', 4, 'Samples per class.')
+    flags.DEFINE_float('cfg_scale', 1.5, 'Classifier-free guidance at the last scale; 0 = off.')
+    flags.DEFINE_integer('top_k', 0, 'Keep the k most likely codes (0 = all).')
+    flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
+    flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+    app.run(main)

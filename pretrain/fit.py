@@ -804,7 +804,10 @@ def _fit_annealing(rows, out, n_boot, files):
             pred = predict_annealing(held, lrs)[steps - 1]
             ok = np.isfinite(losses) & (steps - 1 >= np.argmax(lrs))   # after warmup, as fitted
             entry['heldout'] = {'run': g[-1].get('name'), 'law': dataclasses.asdict(held),
-                                'rmse': float(np.sqrt(np.mean((pred[ok] - losses[ok]) ** 2)))}
+                                'rmse': float(np.sqrt(np.mean((pred[ok] - losses[ok]) ** 2))),
+                                # The same law on the curves it was fitted to: the noise floor
+                                # that the held-out RMSE should be read against.
+                                'fit_rmse': _annealing_rmse(held, curves[:-1])}
         result[str(key)] = entry
         for r, (lrs, steps, losses) in zip(g, curves):
             start = int(np.argmax(lrs))          # the law is fitted after warmup only
@@ -816,6 +819,16 @@ def _fit_annealing(rows, out, n_boot, files):
     plot_law_vs_points(series, path, title='LR-annealing law fitted on all curves (after warmup)')
     files.append(path)
     return result
+
+
+def _annealing_rmse(law: AnnealingLaw, curves) -> float:
+    """RMSE of `law` over the points (after warmup) of several (lrs, steps, losses) curves."""
+    errors = []
+    for lrs, steps, losses in curves:
+        pred = predict_annealing(law, lrs)[steps - 1]
+        ok = np.isfinite(losses) & (steps - 1 >= np.argmax(lrs))
+        errors.append(pred[ok] - losses[ok])
+    return float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
 
 
 FITS: dict[str, Callable[..., Any]] = {
@@ -936,7 +949,9 @@ def summary_markdown(fits: Mapping[str, Any]) -> str:
             lines.append(f'- {key}: L0={law["L0"]:.4g} A={law["A"]:.4g} alpha={law["alpha"]:.4g} '
                          f'C={law["C"]:.4g} (lam={law["lam"]})')
             if 'heldout' in e:
-                lines.append(f'  - held-out {e["heldout"]["run"]}: RMSE {e["heldout"]["rmse"]:.4g}')
+                h = e['heldout']
+                lines.append(f'  - held-out {h["run"]}: RMSE {h["rmse"]:.4g} (on the fitted curves: '
+                             f'{h["fit_rmse"]:.4g})')
         lines.append('')
     if fits.get('heldout'):
         lines += ['## Held-out runs (not used by any fit)', '',

@@ -226,6 +226,7 @@ def test_entry_point_writes_fits_summary_and_plots(tmp_path):
     assert set(on_disk['chinchilla']['ci']) >= {'alpha', 'beta', 'n_exponent'}
     assert on_disk['lr_optima']['log2_lr_vs_log2_width_slope'] == pytest.approx(-1.0, abs=1e-6)
     assert on_disk['annealing']['1000000.0']['heldout']['rmse'] < 0.02
+    assert on_disk['annealing']['1000000.0']['heldout']['fit_rmse'] < 0.02
     summary = (tmp_path / 'fit_summary.md').read_text()
     assert '## Chinchilla approach 3' in summary and '## Optimum LR per width' in summary
     for path in fits['files']:

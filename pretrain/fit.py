@@ -644,7 +644,7 @@ _CONFIG_KEYS = ('flops', 'params', 'tokens', 'lr', 'width')
 
 def _frontier(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Loss vs compute points for the power law: the lowest loss per iso-FLOP budget when
-    budgets hold several configurations (seeds of one configuration averaged first, so that a
+    budgets hold two or more configurations on average (seeds of one configuration averaged first, so that a
     minimum over seeds does not bias the frontier down), else the Pareto frontier when it has
     three points, else every configuration."""
     configs: dict[tuple, list[float]] = {}
@@ -656,7 +656,7 @@ def _frontier(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray
     for key, losses in configs.items():
         b = key[-1] if key[-1] is not None else budget_of(key[0])
         best[b] = min(best.get(b, math.inf), float(np.mean(losses)))
-    if len(best) < len(configs) and len(best) >= 3:
+    if len(configs) >= 2 * len(best) and len(best) >= 3:   # budgets really are shared
         c = np.array(sorted(best))
         return c, np.array([best[b] for b in c])
     # No shared budgets: the Pareto frontier, i.e. each run that beats every cheaper run.

@@ -265,3 +265,6 @@ def test_frontier_without_shared_budgets_is_the_pareto_front():
             ((1e15, 4.0), (2.1e15, 4.2), (4.3e15, 3.5), (8.7e15, 3.6), (1.9e16, 3.1), (4.1e16, 2.9))]
     c, loss = fit._frontier(rows)
     assert c.tolist() == [1e15, 4.3e15, 1.9e16, 4.1e16] and loss.tolist() == [4.0, 3.5, 3.1, 2.9]
+    # Two runs that happen to round to one budget do not make the budgets shared.
+    rows.append({'flops': 1.01e15, 'final_loss': 4.1})
+    assert fit._frontier(rows)[0].tolist() == [1e15, 4.3e15, 1.9e16, 4.1e16]

@@ -52,6 +52,9 @@ def main(argv) -> None:
     var_dir = os.path.abspath(os.path.join(_RUNS.value, 'var'))
     _train('configs/var_tokenizer_tiny.py', tok_dir)
     _train('configs/var_tiny.py', var_dir, f'--config.data.image.tokenizer_dir={tok_dir}')
+    # The dead-code remedy's ablation: the same tokenizer without the pull towards the data.
+    no_pull_dir = os.path.abspath(os.path.join(_RUNS.value, 'tokenizer_no_pull'))
+    _train('configs/var_tokenizer_tiny.py', no_pull_dir, '--config.model.var.dead_code_weight=0.0')
 
     model, cfg, step = var_lib.restore_model(var_dir)
     tokenizer, tok_step = var_lib.load_tokenizer(cfg)
@@ -67,6 +70,15 @@ def main(argv) -> None:
     var_sample.save_grid(np.concatenate(rows), os.path.join(_DOCS.value, 'var_reconstructions.png'),
                          ncol=10)
     rec_mse = float(np.mean((np.asarray(partial[-1]) - originals) ** 2))
+    # Codebook usage over the whole held-out split (the training metric is per batch).
+    every = np.stack([held_out[i]['images'] for i in range(len(held_out))])
+
+    def codes_used(tok) -> int:
+        return int(np.unique(np.concatenate([np.asarray(c).reshape(-1)
+                                             for c in tok.encode(jnp.asarray(every))])).size)
+
+    no_pull, _, _ = var_lib.restore_model(no_pull_dir)
+    no_pull_rows = _rows(no_pull_dir, 'train')
 
     # Samples: 8 per class, one column per class, guidance rising to 2.0 over the scales, top-k.
     n, per_class = cfg.model.var.num_classes, 8
@@ -88,7 +100,13 @@ def main(argv) -> None:
         'tokenizer': {'steps': tok_step, 'first_loss': tok_train[0]['loss'],
                       'last': {k: tok_train[-1][k] for k in ('loss', 'rec_loss', 'vq_loss',
                                                                'perplexity', 'dead_codes')},
-                      'eval_loss': tok_eval[-1]['loss'], 'heldout_rec_mse': rec_mse},
+                      'eval_loss': tok_eval[-1]['loss'], 'heldout_rec_mse': rec_mse,
+                      'heldout_codes_used': codes_used(tokenizer),
+                      'no_pull': {'heldout_codes_used': codes_used(no_pull),
+                                  'eval_loss': _rows(no_pull_dir, 'eval')[-1]['loss'],
+                                  'last_rec_loss': no_pull_rows[-1]['rec_loss'],
+                                  'last_perplexity': no_pull_rows[-1]['perplexity']},
+                      'codebook_size': cfg.model.var.codebook_size},
         'var': {'steps': step, 'first_loss': var_train[0]['loss'], 'last_loss': last['loss'],
                 'eval_loss': var_eval[-1]['loss'], 'per_scale_train_loss': per_scale,
                 'uniform_loss': float(np.log(cfg.model.var.codebook_size))},

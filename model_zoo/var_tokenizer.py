@@ -5,8 +5,8 @@ Quantization (for each scale pn in patch_nums, coarse to fine):
     f_hat += h_k; f_rest -= h_k
 so the scales' h_k sum to the reconstructed feature f_hat. The decoder sees
 f + sg(f_hat - f) (straight-through). VQ loss per scale, averaged over scales:
-beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2. Dead codes: every code is also pulled
-towards its nearest encoder feature in the batch, so unused codes drift back into use.
+beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2. Dead codes: every code unused in a batch
+is pulled towards its nearest encoder feature there, so it drifts back into use.
 """
 
 import math
@@ -224,12 +224,17 @@ def usage_metrics(codes: list[jax.Array], codebook_size: int) -> dict[str, jax.A
     return {'perplexity': jnp.exp(entropy), 'dead_codes': jnp.sum(p_V == 0).astype(jnp.float32)}
 
 
-def dead_code_pull(codebook_VC: jax.Array, targets_BNC: jax.Array) -> jax.Array:
-    """Mean over codes of the squared distance to the nearest (stop-gradient) batch feature."""
+def dead_code_pull(codebook_VC: jax.Array, targets_BNC: jax.Array,
+                   codes: list[jax.Array]) -> jax.Array:
+    """Mean over the codes unused in this batch of the squared distance to the nearest batch
+    feature (stop-gradient). Used codes are left to the VQ loss: pulling them too would crowd
+    them onto the densest features (measured: fewer codes in use, see docs/var.md)."""
     z_NC = jax.lax.stop_gradient(targets_BNC.reshape(-1, targets_BNC.shape[-1]))
     d_VN = (jnp.sum(codebook_VC ** 2, -1)[:, None] - 2 * jnp.einsum(
         'vc,nc->vn', codebook_VC, z_NC, precision=_HIGHEST) + jnp.sum(z_NC ** 2, -1)[None, :])
-    return jnp.mean(jnp.min(d_VN, axis=1))
+    idx = jnp.concatenate([c.reshape(-1) for c in codes])
+    dead_V = (jnp.bincount(idx, length=codebook_VC.shape[0]) == 0).astype(d_VN.dtype)
+    return jnp.sum(dead_V * jnp.min(d_VN, axis=1)) / jnp.maximum(jnp.sum(dead_V), 1.0)
 
 
 def tokenizer_loss(model: VQVAE, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -240,7 +245,7 @@ def tokenizer_loss(model: VQVAE, batch: Batch) -> tuple[jax.Array, dict[str, jax
     f_st = f_BhwC + jax.lax.stop_gradient(f_hat - f_BhwC)   # straight-through
     rec_loss = jnp.mean((model.decoder(f_st) - images) ** 2)
     codebook_VC = model.quantizer.codebook[...]
-    pull = dead_code_pull(codebook_VC, targets)
+    pull = dead_code_pull(codebook_VC, targets, codes)
     loss = rec_loss + vq_loss + model.dead_code_weight * pull
     return loss, {'loss': loss, 'rec_loss': rec_loss, 'vq_loss': vq_loss, 'code_pull': pull,
                   **usage_metrics(codes, codebook_VC.shape[0])}

@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         n_phi=4,                   # shared phi refinement convs
         phi_ratio=0.5,             # phi(h) = (1 - r) h + r conv(h)
         beta=0.25,                 # VQ commitment weight
-        dead_code_weight=0.1,      # pull of every code towards its nearest batch feature
+        dead_code_weight=0.1,      # pull of codes unused in a batch towards their nearest feature
         num_classes=10,            # class labels; index num_classes is the unconditional one
         cond_dropout=0.1,          # class dropout for classifier-free guidance
         mlp_ratio=4.0,

@@ -417,7 +417,8 @@ def validate(cfg, axes: dict[str, int]) -> None:
             raise ConfigError(f'model.ssm.n_groups={s.n_groups} must divide the SSM heads '
                               f'd_inner/headdim = {H}')
     if m.vocab_size % tensor:
-        raise ConfigError(f'model.vocab_size={m.vocab_size} must be divisible by the tensor axis size {tensor}')
+        raise ConfigError(f'model.vocab_size={m.vocab_size} must be divisible by the tensor axis '
+                          f'size {tensor}')
     if m.d_model % axes['fsdp']:
         raise ConfigError(f'model.d_model={m.d_model} must be divisible by the fsdp axis size {axes["fsdp"]}')
     if s.attn_every:

@@ -327,3 +327,15 @@ def test_mamba1_on_the_corpus_sharded_equals_one_device_and_the_loss_falls(tmp_p
 def test_tiny_config_loss_falls_on_the_embedded_corpus(tmp_path):
     history = losses(train.run(_corpus_config(), str(tmp_path)))
     assert np.mean(history[-5:]) < history[0] - 1.0, history
+
+
+@pytest.mark.parametrize('name,millions', [
+    ('mamba_130m', 130), ('mamba2_130m', 130),
+    pytest.param('mamba_370m', 370, marks=pytest.mark.slow),     # 48 layers: ~15 s to trace
+    pytest.param('mamba2_370m', 370, marks=pytest.mark.slow)])
+def test_published_size_configs_validate_and_have_their_sizes(name, millions):
+    import importlib
+    c = importlib.import_module(f'configs.{name}').get_config()
+    config_lib.validate(c, num_devices=8)
+    n = state_lib.param_count(state_lib.model_def(FAMILY.build, c))
+    assert abs(n / 1e6 - millions) / millions < 0.1, n

@@ -288,6 +288,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(
 
 # ---------------------------------------------------------------- failures
 
+@pytest.mark.slow   # about 45 s; peer failure stays covered by the missing-peer test below
 def test_killing_one_process_stops_the_other_in_bounded_time(shared, tmp_path):
     workdir = str(tmp_path / 'run')
     launch = Launch(_train_cmd(shared, workdir, '--config.train.steps=100000',

@@ -230,6 +230,7 @@ def test_slurm_and_tpu_job_files(base, tmp_path):
         subprocess.run(['bash', '-n', f], check=True)
 
 
+@pytest.mark.slow   # two JAX start-ups and a cold compile: ~20 s
 def test_local_executor_runs_subprocesses(base, tmp_path):
     """The default executor: each run in its own process; exit codes become outcomes."""
     sweep_file = tmp_path / 'one.py'

@@ -15,7 +15,7 @@ from flax import nnx
 from model_zoo import scans
 from model_zoo import transformer as transformer_lib
 from model_zoo.family import FAMILIES, Family
-from model_zoo.layers import REMAT_POLICIES, Embedding, RMSNorm, normal, ones, param
+from model_zoo.layers import REMAT_POLICIES, RMSNorm, normal, ones, param
 from pretrain import parametrization
 from pretrain.errors import ConfigError, check_choice
 from pretrain.mesh import constrain
@@ -261,68 +261,17 @@ def is_attention_layer(i: int, attn_every: int) -> bool:
     return attn_every > 0 and (i + 1) % attn_every == 0
 
 
-class MambaLM(nnx.Module):
-    """Token ids [B, L] -> next-token logits [B, L, V] (float32); also a recurrent step mode."""
+class MambaLM(transformer_lib.DecoderLM):
+    """Mamba blocks (every `attn_every`-th one a transformer block); recurrent step mode."""
 
     def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization | None = None):
         p13n = p13n or Parametrization()
-        self.compute_dtype = jnp.dtype(m.compute_dtype)
-        self.remat_policy = m.remat
-        self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
-        self.embed = Embedding(vocab_size=m.vocab_size, d_model=m.d_model, init_std=m.init_std,
-                               param_dtype=m.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([
+        super().__init__(m, rngs, p13n, lambda i: (
             transformer_lib.Block(m, p13n, rngs) if is_attention_layer(i, m.ssm.attn_every)
-            else MambaBlock(m, p13n, rngs) for i in range(m.n_layers)])
-        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
-        self.head = None if m.tie_embeddings else param(
-            rngs, normal(m.init_std), (m.d_model, m.vocab_size), ('embed', 'vocab'), 'readout',
-            m.param_dtype)
-
-    def _readout(self, x_BLD: jax.Array) -> jax.Array:
-        x_BLD = self.final_norm(x_BLD)
-        if self.head is None:
-            logits_BLV = self.embed.attend(x_BLD)
-        else:
-            logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
-        return logits_BLV.astype(f32) * self.readout_mult
-
-    def __call__(self, tokens_BL: jax.Array, capture: dict | None = None) -> jax.Array:
-        """`capture`, if given, receives each layer's output (for coordinate checks)."""
-        positions_L = jnp.arange(tokens_BL.shape[1])
-        x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype) * self.embedding_mult, ACT_BLD)
-        if capture is not None:
-            capture['embedding'] = x_BLD
-        for i, block in enumerate(self.blocks):
-            fn = type(block).__call__
-            if self.remat_policy != 'none':
-                fn = nnx.remat(fn, policy=REMAT_POLICIES[self.remat_policy])
-            x_BLD = fn(block, x_BLD, positions_L)
-            if capture is not None:
-                capture[f'block_{i}'] = x_BLD
-        logits_BLV = self._readout(x_BLD)
-        if capture is not None:
-            capture['logits'] = logits_BLV
-        return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
-
-    # Recurrent generation (model_zoo/sample.py): the cache is a plain pytree.
-    def init_cache(self, batch: int, max_len: int) -> dict:
-        """SSM states (fixed size) for Mamba blocks, key/value buffers for attention blocks."""
-        return {'pos': jnp.zeros((), jnp.int32),
-                'layers': [b.init_cache(batch, max_len, self.compute_dtype) for b in self.blocks]}
-
-    def step(self, tokens_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """One new token per sequence -> its next-token logits [B, V], state carried in `cache`."""
-        positions_L = cache['pos'][None]
-        x_B1D = self.embed(tokens_B[:, None], self.compute_dtype) * self.embedding_mult
-        layers = []
-        for block, layer_cache in zip(self.blocks, cache['layers']):
-            x_B1D, layer_cache = block.decode(x_B1D, positions_L, layer_cache)
-            layers.append(layer_cache)
-        return self._readout(x_B1D)[:, 0], {'pos': cache['pos'] + 1, 'layers': layers}
+            else MambaBlock(m, p13n, rngs)))
 
     def prefill(self, tokens_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Feeds a prompt token by token; returns the last position's logits [B, V]."""
+        """Feeds a prompt token by token (the SSM state is a recurrence); last logits [B, V]."""
         def body(c, tok_B):
             logits_BV, c = self.step(tok_B, c)
             return c, logits_BV

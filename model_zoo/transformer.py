@@ -1,5 +1,7 @@
 """Decoder-only language model: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -44,17 +46,22 @@ class Block(nnx.Module):
         return x_BLD + r * self.mlp(self.mlp_norm(x_BLD)), cache
 
 
-class Transformer(nnx.Module):
-    """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+class DecoderLM(nnx.Module):
+    """Token ids [B, L] -> next-token logits [B, L, V] (float32): embedding, the residual
+    blocks `make_block(i)` builds, final norm, readout; plus cached generation.
 
-    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization | None = None):
-        p13n = p13n or Parametrization()
+    A block is called as block(x_BLD, positions_L) in training and as
+    block.decode(x_BLD, positions_L, cache) -> (x_BLD, cache) in generation.
+    """
+
+    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization,
+                 make_block: Callable[[int], nnx.Module]):
         self.compute_dtype = jnp.dtype(m.compute_dtype)
         self.remat_policy = m.remat
         self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
         self.embed = Embedding(vocab_size=m.vocab_size, d_model=m.d_model, init_std=m.init_std,
                                param_dtype=m.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(m, p13n, rngs) for _ in range(m.n_layers)])
+        self.blocks = nnx.List([make_block(i) for i in range(m.n_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.head = None if m.tie_embeddings else param(
             rngs, normal(m.init_std), (m.d_model, m.vocab_size), ('embed', 'vocab'), 'readout',
@@ -64,21 +71,16 @@ class Transformer(nnx.Module):
         """`capture`, if given, receives each layer's output (for coordinate checks)."""
         positions_L = jnp.arange(tokens_BL.shape[1])
         x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype) * self.embedding_mult, ACT_BLD)
-        block_fn = Block.__call__
-        if self.remat_policy != 'none':
-            block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat_policy])
         if capture is not None:
             capture['embedding'] = x_BLD
         for i, block in enumerate(self.blocks):
+            block_fn = type(block).__call__
+            if self.remat_policy != 'none':
+                block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat_policy])
             x_BLD = block_fn(block, x_BLD, positions_L)
             if capture is not None:
                 capture[f'block_{i}'] = x_BLD
-        x_BLD = self.final_norm(x_BLD)
-        if self.head is None:
-            logits_BLV = self.embed.attend(x_BLD)
-        else:
-            logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
-        logits_BLV = logits_BLV.astype(jnp.float32) * self.readout_mult
+        logits_BLV = self._readout(x_BLD)
         if capture is not None:
             capture['logits'] = logits_BLV
         return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
@@ -91,9 +93,9 @@ class Transformer(nnx.Module):
             logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(x_BLD.dtype))
         return logits_BLV.astype(jnp.float32) * self.readout_mult
 
-    # Generation with a key/value cache (model_zoo/sample.py): the cache is a plain pytree.
+    # Generation (model_zoo/sample.py): the cache is a plain pytree.
     def init_cache(self, batch: int, max_len: int) -> dict:
-        """Per-layer key/value buffers of max_len positions and the next position to write."""
+        """Each block's cache (key/value buffers, SSM states) and the next position to write."""
         return {'pos': jnp.zeros((), jnp.int32),
                 'layers': [b.init_cache(batch, max_len, self.compute_dtype) for b in self.blocks]}
 
@@ -115,6 +117,14 @@ class Transformer(nnx.Module):
         """One new token per sequence -> its next-token logits [B, V]."""
         logits_BLV, cache = self._decode(tokens_B[:, None], cache)
         return logits_BLV[:, 0], cache
+
+
+class Transformer(DecoderLM):
+    """The decoder-only transformer LM: attention + SwiGLU blocks."""
+
+    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization | None = None):
+        p13n = p13n or Parametrization()
+        super().__init__(m, rngs, p13n, lambda i: Block(m, p13n, rngs))
 
 
 def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -25,3 +25,31 @@ def with_mesh(c, **ici):
 
 def losses(result) -> list[float]:
     return [h['loss'] for h in result['history']]
+
+
+def random_tokens(shape, seed=0, vocab=256):
+    import jax
+    import jax.numpy as jnp
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def fixed_batch_losses(family, c, devices, tokens_BL, steps=2) -> list[float]:
+    """Losses of `steps` updates on one fixed batch (inputs/targets from `tokens_BL`) under
+    the config's mesh over `devices`: the trainer's own state creation and train step."""
+    import jax
+    from pretrain import mesh as mesh_lib
+    from pretrain import optim, schedules, state as state_lib, step as step_lib
+    mesh = mesh_lib.make_mesh(c.mesh, devices)
+    spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
+    md = state_lib.model_def(family.build, c)
+    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info)
+    with mesh_lib.activate(mesh):
+        state, _, md = state_lib.create(family.build, c, tx, mesh, mesh_lib.DEFAULT_RULES)
+        train_step = jax.jit(step_lib.make_train_step(family.loss, md, tx,
+                                                      schedules.make_schedule(spec)))
+        batch = {'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]}
+        out = []
+        for _ in range(steps):
+            state, metrics = train_step(state, batch)
+            out.append(float(metrics['loss']))
+    return out

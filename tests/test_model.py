@@ -9,8 +9,8 @@ from flax import nnx
 from model_zoo import FAMILIES
 from model_zoo.layers import ROLES
 from pretrain import mesh as mesh_lib
-from pretrain import optim, schedules, state as state_lib, step as step_lib
-from tests.helpers import tiny_config
+from pretrain import state as state_lib
+from tests.helpers import fixed_batch_losses, random_tokens, tiny_config
 
 FAMILY = FAMILIES.get('transformer')
 
@@ -21,8 +21,7 @@ def _model(**model):
     return c, FAMILY.build(c, nnx.Rngs(0))
 
 
-def _tokens(shape, seed=0, vocab=256):
-    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab, dtype=jnp.int32)
+_tokens = random_tokens
 
 
 @pytest.mark.parametrize('tie', [False, True])
@@ -61,20 +60,7 @@ def test_gqa_parameter_count_and_flops():
 
 def _one_step_losses(c, steps=2):
     """Losses of `steps` updates of a fixed synthetic batch on one device."""
-    mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-    spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
-    md = state_lib.model_def(FAMILY.build, c)
-    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info)
-    with mesh_lib.activate(mesh):
-        state, _, md = state_lib.create(FAMILY.build, c, tx, mesh, mesh_lib.DEFAULT_RULES)
-        train_step = jax.jit(step_lib.make_train_step(FAMILY.loss, md, tx, schedules.make_schedule(spec)))
-        tokens = _tokens((4, 33), seed=3)
-        batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-        out = []
-        for _ in range(steps):
-            state, metrics = train_step(state, batch)
-            out.append(float(metrics['loss']))
-    return out
+    return fixed_batch_losses(FAMILY, c, jax.devices()[:1], _tokens((4, 33), seed=3), steps)
 
 
 def test_golden_loss_after_one_step():

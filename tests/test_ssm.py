@@ -12,9 +12,9 @@ from model_zoo import FAMILIES, mamba, scans
 from model_zoo.layers import ROLES
 from pretrain import config as config_lib
 from pretrain import mesh as mesh_lib
-from pretrain import optim, parametrization, schedules, state as state_lib, step as step_lib, train
+from pretrain import parametrization, state as state_lib, train
 from pretrain.errors import ConfigError
-from tests.helpers import losses, tiny_config, with_mesh
+from tests.helpers import fixed_batch_losses, losses, random_tokens, tiny_config, with_mesh
 
 FAMILY = FAMILIES.get('mamba')
 
@@ -27,8 +27,7 @@ def _config(**ssm):
     return c
 
 
-def _tokens(shape, seed=0):
-    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, 256, dtype=jnp.int32)
+_tokens = random_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +275,7 @@ def _seq(c, n):
 
 def _losses(c, devices, steps=2):
     """Losses of `steps` updates on a fixed synthetic batch under the config's mesh."""
-    mesh = mesh_lib.make_mesh(c.mesh, devices)
-    spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
-    md = state_lib.model_def(FAMILY.build, c)
-    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info)
-    with mesh_lib.activate(mesh):
-        state, _, md = state_lib.create(FAMILY.build, c, tx, mesh, mesh_lib.DEFAULT_RULES)
-        train_step = jax.jit(step_lib.make_train_step(FAMILY.loss, md, tx, schedules.make_schedule(spec)))
-        tokens = _tokens((8, 17), seed=3)
-        batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-        out = []
-        for _ in range(steps):
-            state, metrics = train_step(state, batch)
-            out.append(float(metrics['loss']))
-    return out
+    return fixed_batch_losses(FAMILY, c, devices, _tokens((8, 17), seed=3), steps)
 
 
 def test_mamba2_sharded_training_matches_one_device():

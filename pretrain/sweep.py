@@ -338,6 +338,9 @@ def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
     todo = [r for r in runs if r.name not in outcome]
     if parallel == 0:   # in this process: no start-up cost, one compilation cache
         for r in todo:
+            if any(o == 'preempted' for o in outcome.values()):
+                outcome[r.name] = 'not started: the sweep was preempted'
+                continue
             if r.parent and outcome.get(r.parent) not in ('done', 'skipped'):
                 outcome[r.name] = f'not started: {r.parent} did not finish'
                 continue
@@ -345,8 +348,6 @@ def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
             outcome[r.name] = run_one(sweep, r, workdir)
             say(f'[sweep] {r.name}: {outcome[r.name]}')
             collect(runs, workdir)
-            if outcome[r.name] == 'preempted':
-                break
         return outcome
     running: dict[str, subprocess.Popen] = {}
     try:
@@ -359,8 +360,10 @@ def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
                                          f'{os.path.join(run_dir(workdir, name), "log.txt")})')
                     say(f'[sweep] {name}: {outcome[name]}')
                     collect(runs, workdir)
-            if any(o == 'preempted' for o in outcome.values()):
-                todo = []          # stop starting runs; the ones still running stop by themselves
+            if todo and any(o == 'preempted' for o in outcome.values()):
+                for r in todo:     # start nothing more; the ones still running stop by themselves
+                    outcome[r.name] = 'not started: the sweep was preempted'
+                todo = []
             for r in list(todo):
                 if r.parent and r.parent in outcome and outcome[r.parent] not in ('done', 'skipped'):
                     todo.remove(r)
@@ -433,9 +436,9 @@ exit $rc
     return files + [submit]
 
 
-def write_tpu(runs: Sequence[Run], workdir: str, sweep_path: str, workers: Sequence[str],
-              zone: str) -> list[str]:
-    """launch.sh: each TPU VM runs one shard of the runs (whole cooldown families per shard)."""
+def write_tpu(workdir: str, sweep_path: str, workers: Sequence[str], zone: str) -> list[str]:
+    """launch.sh: each TPU VM runs one shard of the sweep (whole cooldown families per shard);
+    every VM expands the sweep itself, so the shards are a pure function of the sweep file."""
     out = os.path.join(workdir, 'tpu')
     os.makedirs(out, exist_ok=True)
     script = os.path.join(out, 'launch.sh')
@@ -454,7 +457,6 @@ def write_tpu(runs: Sequence[Run], workdir: str, sweep_path: str, workers: Seque
               'exit $rc   # re-run this script to resume: finished runs are skipped']
     with open(script, 'w') as f:
         f.write('\n'.join(lines) + '\n')
-    del runs   # every VM expands the sweep itself; shards are a pure function of the sweep
     return [script]
 
 
@@ -544,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers = [w for w in args.tpu_workers.split(',') if w]
             if not workers:
                 raise ConfigError('--executor=tpu needs --tpu_workers=VM1,VM2,...')
-            files = write_tpu(runs, workdir, args.sweep, workers, args.tpu_zone)
+            files = write_tpu(workdir, args.sweep, workers, args.tpu_zone)
             print(f'wrote {files[0]}; start it with: bash {files[0]}')
             return 0
         outcome = run_local(sweep, runs, workdir, args.sweep, args.parallel)

@@ -141,6 +141,7 @@ def test_bad_parametrization_is_named():
         optim.validate(c.optim)
 
 
+@pytest.mark.slow   # ~35 s cold; the per-role rules it rests on are unit-tested above
 def test_coordinate_check_separates_sp_from_mup(tmp_path):
     c = _cfg('sp')
     c.data.max_files = 20

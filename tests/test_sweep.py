@@ -223,7 +223,7 @@ def test_slurm_and_tpu_job_files(base, tmp_path):
     assert 'afterok' in submit
     with open(os.path.join(workdir, 'slurm', 'stage1.txt')) as f:
         assert f.read().split() == [r.name for r in runs if r.parent]
-    (launch,) = sweep.write_tpu(runs, workdir, 'configs/sweeps/x.py', ['vm-a', 'vm-b'], 'zone-1')
+    (launch,) = sweep.write_tpu(workdir, 'configs/sweeps/x.py', ['vm-a', 'vm-b'], 'zone-1')
     text = open(launch).read()
     assert '--shard=0/2' in text and '--shard=1/2' in text and 'vm-b' in text
     for f in files + [launch]:
@@ -250,3 +250,14 @@ def test_local_executor_runs_subprocesses(base, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert '1 trained, 0 already finished, 0 not finished; 1 rows' in out.stdout
     assert os.path.exists(os.path.join(sweep.run_dir(workdir, 'lr=0.001'), 'log.txt'))
+
+
+def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch):
+    sw = Sweep(base=base, points=zipped({'optim.lr': [1e-3, 2e-3, 3e-3]}))
+    runs = sweep.expand(sw)
+    calls = []
+    monkeypatch.setattr(sweep, 'run_one', lambda s, r, w: calls.append(r.name) or 'preempted')
+    outcome = sweep.run_local(sw, runs, str(tmp_path / 'sw'), 'unused.py', parallel=0)
+    assert calls == ['lr=0.001']
+    assert outcome == {'lr=0.001': 'preempted', 'lr=0.002': 'not started: the sweep was preempted',
+                       'lr=0.003': 'not started: the sweep was preempted'}

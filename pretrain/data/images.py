@@ -89,21 +89,13 @@ def _digits(image_cfg: Any, split: str) -> ImageSource:
 @SOURCES.register('tfds')
 def _tfds(image_cfg: Any, split: str) -> ImageSource:
     """A TFDS ArrayRecord source with 'image' (uint8 HxWxC) and 'label' features."""
-    import tensorflow_datasets as tfds
-
-    from pretrain.data import tfds_images   # registers LOCAL_TFDS_NAME
+    from pretrain.data import tfds_images, tfds_local   # tfds_images registers LOCAL_TFDS_NAME
 
     name, data_dir = image_cfg.tfds_name, image_cfg.tfds_data_dir or None
     if name == LOCAL_TFDS_NAME and image_cfg.image_dir:
         tfds_images.prepare_local_images(image_cfg.image_dir, data_dir, image_cfg.eval_percent)
     tfds_split = image_cfg.tfds_train_split if split == 'train' else image_cfg.tfds_eval_split
-    try:
-        source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
-    except Exception as e:
-        raise ConfigError(
-            f'data.image.tfds_name={name!r} (data.image.tfds_data_dir={image_cfg.tfds_data_dir!r}, '
-            f'split={tfds_split!r}) cannot be opened as an ArrayRecord data source: {e}. Prepare '
-            "it first with download_and_prepare(file_format='array_record').") from e
+    source = tfds_local.open_array_record(name, tfds_split, image_cfg.tfds_data_dir, 'data.image.')
     features = source.dataset_info.features
     if 'image' not in features or 'label' not in features:
         raise ConfigError(f'data.image.tfds_name={name!r} needs features image and label; it has '

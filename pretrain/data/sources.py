@@ -144,9 +144,7 @@ def _text_file_documents(data_cfg: Any, split: str) -> Documents:
 @SOURCES.register('tfds')
 def _tfds_documents(data_cfg: Any, split: str) -> Documents:
     # Imported here: TFDS costs ~1 s to import and only this source needs it.
-    import tensorflow_datasets as tfds
-
-    from pretrain.data import tfds_text  # registers the LOCAL_TFDS_NAME builder
+    from pretrain.data import tfds_local, tfds_text  # tfds_text registers LOCAL_TFDS_NAME
 
     name = data_cfg.tfds_name
     data_dir = data_cfg.tfds_data_dir or None
@@ -154,14 +152,7 @@ def _tfds_documents(data_cfg: Any, split: str) -> Documents:
         tfds_text.prepare_local_text(data_cfg.text_dir, data_dir,
                                      eval_percent=data_cfg.eval_percent)
     tfds_split = data_cfg.tfds_train_split if split == 'train' else data_cfg.tfds_eval_split
-    try:
-        # download=False: never fetch or prepare implicitly (offline, and tfrecord needs TF).
-        source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
-    except Exception as e:
-        raise ConfigError(
-            f'data.tfds_name={name!r} (data.tfds_data_dir={data_cfg.tfds_data_dir!r}, '
-            f'split={tfds_split!r}) cannot be opened as an ArrayRecord data source: {e}. '
-            "Prepare it first with download_and_prepare(file_format='array_record').") from e
+    source = tfds_local.open_array_record(name, tfds_split, data_cfg.tfds_data_dir, 'data.')
     fingerprint = _digest({
         'name': name,
         'data_dir': os.path.abspath(data_dir) if data_dir else '',

@@ -10,7 +10,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
-from pretrain.data import images
+from pretrain.data import images, tfds_local
 from pretrain.errors import ConfigError
 
 _EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
@@ -90,15 +90,6 @@ def prepare_local_images(image_dir: str, data_dir: str | None,
     """Prepares `local_image_folder` from `image_dir` into `data_dir` once; later calls reuse it."""
     builder = LocalImageFolder(image_dir=image_dir, eval_percent=eval_percent, data_dir=data_dir,
                                file_format='array_record')
-    if builder.is_prepared():
-        stored = builder.info.metadata or {}
-        wanted = {'image_dir': os.path.abspath(image_dir), 'eval_percent': eval_percent}
-        got = {k: stored.get(k) for k in wanted}
-        if got != wanted:
-            raise ConfigError(
-                f'data.image.tfds_data_dir={data_dir!r} already holds local_image_folder prepared '
-                f'from {got}, not {wanted}; use another data.image.tfds_data_dir or delete '
-                f'{builder.data_dir!r}.')
-        return builder
-    builder.download_and_prepare()
-    return builder
+    return tfds_local.prepare_once(
+        builder, {'image_dir': os.path.abspath(image_dir), 'eval_percent': eval_percent},
+        'data.image.tfds_data_dir', data_dir)

@@ -9,8 +9,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
-from pretrain.data import sources
-from pretrain.errors import ConfigError
+from pretrain.data import sources, tfds_local
 
 # TFDS split names; 'validation' holds the files the hash rule sends to eval.
 _TFDS_SPLITS = {'train': 'train', 'eval': 'validation'}
@@ -68,15 +67,6 @@ def prepare_local_text(text_dir: str, data_dir: str | None,
     sources.check_text_dir(text_dir)
     builder = LocalTextFiles(text_dir=text_dir, eval_percent=eval_percent,
                              data_dir=data_dir, file_format='array_record')
-    if builder.is_prepared():
-        stored = builder.info.metadata or {}
-        wanted = {'text_dir': os.path.abspath(text_dir), 'eval_percent': eval_percent}
-        got = {k: stored.get(k) for k in wanted}
-        if got != wanted:
-            raise ConfigError(
-                f'data.tfds_data_dir={data_dir!r} already holds local_text_files prepared from '
-                f'{got}, not {wanted}; use another data.tfds_data_dir or delete '
-                f'{builder.data_dir!r}.')
-        return builder
-    builder.download_and_prepare()
-    return builder
+    return tfds_local.prepare_once(
+        builder, {'text_dir': os.path.abspath(text_dir), 'eval_percent': eval_percent},
+        'data.tfds_data_dir', data_dir)

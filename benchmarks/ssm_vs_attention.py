@@ -25,8 +25,9 @@ import ml_collections
 from flax import nnx
 
 from model_zoo import FAMILIES
+from pretrain import parametrization
 from pretrain import state as state_lib
-from pretrain.config import base_config
+from model_zoo import base_config
 
 D_MODEL, N_LAYERS, VOCAB = 128, 2, 256
 
@@ -50,7 +51,9 @@ def make_config(name: str, seq_len: int, d_ff: int) -> ml_collections.ConfigDict
 
 
 def n_params(c) -> int:
-    return state_lib.param_count(state_lib.model_def(FAMILIES.get(c.model.family).build, c))
+    definition = state_lib.model_def(FAMILIES.get(c.model.family).build, c,
+                                     parametrization.from_config(c))
+    return state_lib.param_count(definition)
 
 
 def matched_d_ff() -> int:
@@ -61,7 +64,7 @@ def matched_d_ff() -> int:
 
 def measure(c, repeats: int, max_temp_bytes: float) -> dict:
     family = FAMILIES.get(c.model.family)
-    model = family.build(c, nnx.Rngs(0))
+    model = family.build(c, nnx.Rngs(0), parametrization.from_config(c))
     graphdef, params = nnx.split(model)
 
     def loss_fn(p, batch):

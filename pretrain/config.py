@@ -7,7 +7,6 @@ config against the device count and the configured family before any compute.
 """
 
 import json
-import math
 from typing import Any
 
 import ml_collections

@@ -231,10 +231,10 @@ def _check_log_uniform(dt, s):
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_parameters_carry_axes_and_roles(variant):
     c = _config(**VARIANTS[variant])
-    md = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
-    infos, shapes = jax.tree.leaves(md.info), jax.tree.leaves(md.shapes)
+    definition = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
+    infos, shapes = jax.tree.leaves(definition.info), jax.tree.leaves(definition.shapes)
     assert all(i.role in ROLES and len(i.axes) == len(s.shape) for i, s in zip(infos, shapes))
-    mixer = md.info['blocks'][0]['mixer']
+    mixer = definition.info['blocks'][0]['mixer']
     for name in ('A_log', 'D', 'dt_bias'):
         assert mixer[name].role == 'vector'   # no weight decay, no muP width scaling
         assert parametrization.Parametrization().wd_mult(mixer[name].role, 'coupled') == 0.0

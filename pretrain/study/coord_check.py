@@ -44,9 +44,9 @@ def measure(cfg, width: int, base_width: int, name: str, steps: int,
     """mean |x| per layer output after 0..steps updates (one device, the trainer's setup)."""
     setup = setup_lib.build(_width_config(cfg, width, base_width, name), jax.devices()[:1],
                             families=families)
-    c = setup.cfg
-    pipeline = data_lib.make_text_pipeline(c.data, global_batch_size=c.train.global_batch_size,
-                                           num_eval_batches=1, seed=c.seed)
+    width_cfg = setup.cfg
+    pipeline = data_lib.make_text_pipeline(width_cfg.data, num_eval_batches=1, seed=width_cfg.seed,
+                                           global_batch_size=width_cfg.train.global_batch_size)
     batches = pipeline.train_iterator()
     probe = next(pipeline.eval_batches())
 

@@ -1,4 +1,4 @@
-"""Entry point: flags -> config -> distributed init -> run().
+"""Entry point: flags -> config -> distributed init -> run(): plan -> start -> loop -> result.
 
     python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/tiny \
         --config.train.steps=100
@@ -78,9 +78,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     writer = metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
                                        total_steps=cfg.train.steps, tensorboard=cfg.metrics.tensorboard)
     with setup.activate():
-        state, how = start.state(setup, checkpointer, data_iter)         # start state
-        if how:
-            writer.text(how)
+        state, start_note = start.state(setup, checkpointer, data_iter)  # start state
+        if start_note:
+            writer.text(start_note)
         byte_lengths = (None if pipeline.tokenizer is None   # bits/byte only for text
                         else jnp.asarray(pipeline.tokenizer.byte_lengths, jnp.float32))
         writer.text(f'{cfg.model.family}: {setup.param_count:,} params, '

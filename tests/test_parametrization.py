@@ -66,7 +66,8 @@ def test_forward_multipliers():
     assert model.readout_mult == 2.0 / m
     assert model.blocks[0].residual_mult == 4 ** -0.5
     np.testing.assert_allclose(model.blocks[0].attn.logit_scale, 1 / head_dim * np.sqrt(head_dim / m))
-    sp = FAMILY.build(_cfg('sp', width=128, depth=4), nnx.Rngs(0))
+    sp_cfg = _cfg('sp', width=128, depth=4)
+    sp = FAMILY.build(sp_cfg, nnx.Rngs(0), parametrization.from_config(sp_cfg))
     assert (sp.readout_mult, sp.blocks[0].residual_mult) == (1.0, 1.0)
     assert sp.blocks[0].attn.logit_scale == head_dim ** -0.5
 

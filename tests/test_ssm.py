@@ -155,7 +155,8 @@ VARIANTS = {'mamba1': dict(version=1), 'mamba2': dict(version=2),
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_recurrent_step_mode_equals_parallel_forward(variant):
-    model = FAMILY.build(_config(**VARIANTS[variant]), nnx.Rngs(0))
+    c = _config(**VARIANTS[variant])
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     tokens = _tokens((2, 11))   # 11 = 8 + 3: a ragged last chunk
     logits, stepped = _forward_and_steps(model, tokens)
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(logits), rtol=1e-4, atol=1e-5)
@@ -184,7 +185,8 @@ def test_all_mamba1_scans_give_the_same_model():
 
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_causality(variant):
-    model = FAMILY.build(_config(**VARIANTS[variant]), nnx.Rngs(0))
+    c = _config(**VARIANTS[variant])
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     tokens = _tokens((2, 16))
     t = 9
     changed = tokens.at[:, t + 1:].set(_tokens((2, 16 - t - 1), seed=1))

@@ -12,7 +12,6 @@ since the CPU backend keeps no device memory statistics; a case whose analysis e
 `max_temp_gib` is compiled but not run. Writes OUT.json, OUT.md and OUT.png.
 """
 
-import argparse
 import json
 import platform
 import statistics
@@ -22,11 +21,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
 from flax import nnx
 
-from model_zoo import FAMILIES
+from model_zoo import FAMILIES, base_config
+from pretrain import parametrization
 from pretrain import state as state_lib
-from pretrain.config import base_config
 
 D_MODEL, N_LAYERS, VOCAB = 128, 2, 256
 
@@ -50,7 +50,9 @@ def make_config(name: str, seq_len: int, d_ff: int) -> ml_collections.ConfigDict
 
 
 def n_params(c) -> int:
-    return state_lib.param_count(state_lib.model_def(FAMILIES.get(c.model.family).build, c))
+    definition = state_lib.model_def(FAMILIES.get(c.model.family).build, c,
+                                     parametrization.from_config(c))
+    return state_lib.param_count(definition)
 
 
 def matched_d_ff() -> int:
@@ -61,7 +63,7 @@ def matched_d_ff() -> int:
 
 def measure(c, repeats: int, max_temp_bytes: float) -> dict:
     family = FAMILIES.get(c.model.family)
-    model = family.build(c, nnx.Rngs(0))
+    model = family.build(c, nnx.Rngs(0), parametrization.from_config(c))
     graphdef, params = nnx.split(model)
 
     def loss_fn(p, batch):
@@ -188,27 +190,33 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--lengths', default='256,512,1024,2048,4096,8192,16384')
-    p.add_argument('--repeats', type=int, default=3)
-    p.add_argument('--max_temp_gib', type=float, default=6.0)
-    p.add_argument('--max_step_s', type=float, default=30.0,
-                   help='skip longer lengths of a model once a step takes longer than this')
-    p.add_argument('--out', default='docs/ssm_benchmark')
-    p.add_argument('--replot', action='store_true', help='rewrite OUT.md and OUT.png from OUT.json')
-    args = p.parse_args(argv)
-    if args.replot:
-        with open(args.out + '.json') as f:
+_LENGTHS = flags.DEFINE_list('lengths', ['256', '512', '1024', '2048', '4096', '8192', '16384'],
+                             'Sequence lengths to time.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per case (the median is reported).',
+                                lower_bound=1)
+_MAX_TEMP_GIB = flags.DEFINE_float('max_temp_gib', 6.0, 'Compile but do not run a case whose '
+                                   'compiled memory exceeds this.')
+_MAX_STEP_S = flags.DEFINE_float('max_step_s', 30.0, 'Skip longer lengths of a model once a step '
+                                 'takes longer than this.')
+_OUT = flags.DEFINE_string('out', 'docs/ssm_benchmark', 'Output prefix: OUT.json, OUT.md, OUT.png.')
+_REPLOT = flags.DEFINE_bool('replot', False, 'Rewrite OUT.md and OUT.png from OUT.json.')
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    out = _OUT.value
+    if _REPLOT.value:
+        with open(out + '.json') as f:
             result = json.load(f)
     else:
-        result = run([int(n) for n in args.lengths.split(',')], args.repeats, args.max_temp_gib,
-                     args.max_step_s)
-        with open(args.out + '.json', 'w') as f:
+        result = run([int(n) for n in _LENGTHS.value], _REPEATS.value, _MAX_TEMP_GIB.value,
+                     _MAX_STEP_S.value)
+        with open(out + '.json', 'w') as f:
             json.dump(result, f, indent=2)
-    write_markdown(result, args.out + '.md')
-    plot(result, args.out + '.png')
+    write_markdown(result, out + '.md')
+    plot(result, out + '.png')
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

@@ -3,15 +3,15 @@
     python -m benchmarks.train_throughput [--sizes=small,medium,large] [--steps=4] [--devices=2] \
         [--out=docs/benchmarks.md]
 
-Builds the sharded state and the jitted train step exactly as `pretrain.train.run` does (same
-config validation, mesh, optimizer chain, shardings, donation), feeds a synthetic random-token
-batch with the trainer's batch sharding, and times all configurations round-robin. MFU is
+Builds every configuration with the trainer's own `pretrain.setup.build` (config validation,
+parametrization, optimizer chain with its applied-rate metrics, mesh, shardings, donation), feeds
+a synthetic random-token batch with the setup's batch sharding, and times all configurations
+round-robin. MFU is
 against the measured float32 matmul peak on CPU, or the device-kind table on an accelerator.
 For the largest size it also breaks down where the step time goes (phases, standalone matmuls,
 XLA cost analysis, a jax.profiler trace attributed to source lines).
 """
 
-import argparse
 import collections
 import dataclasses
 import datetime
@@ -37,12 +37,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from pretrain import config as config_lib
-from pretrain import mesh as mesh_lib
+from absl import app, flags
+
+import model_zoo
 from pretrain import metrics as metrics_lib
-from pretrain import optim, schedules
-from pretrain import state as state_lib
-from pretrain import step as step_lib
+from pretrain import setup as setup_lib
 
 # Model sizes: the shapes of configs/lm_tiny.py scaled up, seq 256 everywhere. 'medium' is the
 # reference point of the stack notes (~1.2 s/step on a quiet 2-core CPU); 'large' is the widest
@@ -54,23 +53,16 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--sizes', default='small,medium,large', help=f'comma list of {list(SIZES)}')
-    p.add_argument('--steps', type=int, default=4, help='timed steps per configuration')
-    p.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
-    p.add_argument('--devices', type=int, default=2,
-                   help='simulated CPU devices; >1 adds a data-parallel row for the largest size')
-    p.add_argument('--analyse', action=argparse.BooleanOptionalAction, default=True,
-                   help='break down where the time of the largest size goes')
-    p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True,
-                   help='include a jax.profiler trace in the breakdown')
-    p.add_argument('--out', default='docs/benchmarks.md')
-    args = p.parse_args(argv)
-    unknown = [s for s in args.sizes.split(',') if s not in SIZES]
-    if unknown:
-        p.error(f'unknown sizes {unknown}; known: {list(SIZES)}')
-    return args
+_SIZES = flags.DEFINE_list('sizes', ['small', 'medium', 'large'], f'Sizes among {list(SIZES)}.')
+_STEPS = flags.DEFINE_integer('steps', 4, 'Timed steps per configuration.', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.', lower_bound=0)
+_DEVICES = flags.DEFINE_integer('devices', 2, 'Simulated CPU devices; >1 adds a data-parallel '
+                                'row for the largest size.', lower_bound=1)
+_ANALYSE = flags.DEFINE_bool('analyse', True, 'Break down where the time of the largest size goes.')
+_PROFILE = flags.DEFINE_bool('profile', True, 'Include a jax.profiler trace in the breakdown.')
+_OUT = flags.DEFINE_string('out', 'docs/benchmarks.md', 'Markdown report to write.')
+flags.register_validator('sizes', lambda sizes: all(s in SIZES for s in sizes),
+                         f'--sizes must name sizes among {list(SIZES)}')
 
 
 def _force_host_devices(n: int) -> None:
@@ -79,11 +71,11 @@ def _force_host_devices(n: int) -> None:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
 
 
-# --- Configs and the trainer's wiring ------------------------------------------------------
+# --- Configs --------------------------------------------------------------------------------
 
 def make_config(size: str, *, compute_dtype: str = 'float32', remat: str = 'none') -> ml_collections.ConfigDict:
     s = SIZES[size]
-    c = config_lib.base_config()
+    c = model_zoo.base_config()
     c.model.update(d_model=s['d_model'], n_layers=s['n_layers'], n_heads=s['n_heads'],
                    n_kv_heads=s['n_kv_heads'], d_ff=s['d_ff'], compute_dtype=compute_dtype,
                    remat=remat)
@@ -93,52 +85,12 @@ def make_config(size: str, *, compute_dtype: str = 'float32', remat: str = 'none
     return c
 
 
-@dataclasses.dataclass
-class Setup:
-    """What `pretrain.train.run` builds before its loop, minus data and checkpoints."""
-
-    cfg: ml_collections.ConfigDict
-    family: Any
-    md: state_lib.ModelDef
-    tx: optax.GradientTransformation
-    mesh: jax.sharding.Mesh
-    rules: mesh_lib.Rules
-    state: state_lib.TrainState
-    shardings: state_lib.TrainState
-    batch_sharding: jax.sharding.NamedSharding
-    train_step: Any     # the jitted (not yet compiled) step
-    batch: dict[str, jax.Array]
-
-
-def build(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> Setup:
-    """The state, the jitted step and a synthetic batch, wired as `pretrain.train.run` does.
-
-    Tracing the step later must happen under `mesh_lib.activate(setup.mesh, setup.rules)`.
-    """
-    from model_zoo import FAMILIES
-
-    cfg = config_lib.finalize(config)
-    config_lib.validate(cfg, num_devices=len(devices), process_count=jax.process_count())
-    family = FAMILIES.get(cfg.model.family)
-    rules = mesh_lib.merge_rules(cfg.mesh.rules)
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
-    schedule = schedules.make_schedule(spec)
-    md = state_lib.model_def(family.build, cfg)
-    tx = optim.make_optimizer(cfg.optim, schedule, md.info)
-    with mesh_lib.activate(mesh, rules):
-        state, shardings, _ = state_lib.create(family.build, cfg, tx, mesh, rules)
-        batch_sharding = mesh_lib.named_sharding(mesh, step_lib.BATCH_AXES)
-        train_step = jax.jit(
-            step_lib.make_train_step(family.loss, md, tx, schedule, cfg.train.grad_accum_steps),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-            donate_argnums=(0,))
+def synthetic_batch(setup: setup_lib.Setup) -> dict[str, jax.Array]:
+    """Random tokens with the setup's batch sharding."""
+    cfg = setup.cfg
     rows, length = cfg.train.global_batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (rows, length + 1), np.int32)
-    local = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v, v.shape)
-             for k, v in local.items()}
-    return Setup(cfg, family, md, tx, mesh, rules, state, shardings, batch_sharding, train_step, batch)
+    return setup.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]})
 
 
 def _xla_flops(compiled) -> float | None:
@@ -179,18 +131,20 @@ class Case:
     def __init__(self, key: str, label: str, config: ml_collections.ConfigDict,
                  devices: list[jax.Device]):
         self.key, self.label, self.devices = key, label, devices
-        self.setup = build(config, devices)
-        with mesh_lib.activate(self.setup.mesh, self.setup.rules):
+        self.setup = setup_lib.build(config, devices, families=model_zoo.FAMILIES)
+        self.batch = synthetic_batch(self.setup)
+        with self.setup.activate():
+            self.state = self.setup.init_state()
             start = time.perf_counter()
-            self.compiled = self.setup.train_step.lower(self.setup.state, self.setup.batch).compile()
+            self.compiled = self.setup.train_step.lower(self.state, self.batch).compile()
             self.compile_s = time.perf_counter() - start
         self.metrics: dict[str, jax.Array] = {}
         print(f'{label:<30} compiled in {self.compile_s:5.1f}s', flush=True)
 
     def step(self) -> Any:
-        self.setup.state, metrics = self.compiled(self.setup.state, self.setup.batch)
+        self.state, metrics = self.compiled(self.state, self.batch)
         self.metrics = metrics
-        return self.setup.state, metrics
+        return self.state, metrics
 
 
 @dataclasses.dataclass
@@ -246,10 +200,10 @@ def time_cases(cases: list[Case], steps: int, warmup: int) -> tuple[dict[str, Ro
     for c in cases:
         cfg = c.setup.cfg
         rows[c.key] = r = Row(
-            label=c.label, params=state_lib.param_count(c.setup.md), batch=cfg.train.global_batch_size,
+            label=c.label, params=c.setup.param_count, batch=cfg.train.global_batch_size,
             seq_len=cfg.data.seq_len, devices=len(c.devices), dtype=cfg.model.compute_dtype,
             remat=cfg.model.remat, compile_s=c.compile_s, step_times=times[c.key], cpu_times=cpu[c.key],
-            flops_per_step=cfg.train.global_batch_size * c.setup.family.flops_per_example(cfg),
+            flops_per_step=c.setup.flops_per_step,
             xla_flops=_xla_flops(c.compiled), loss=float(c.metrics['loss']))
         print(f'{r.label:<30} step {r.step_s:6.3f}s (median {statistics.median(r.step_times):.3f})  '
               f'{r.tokens_per_s:8,.0f} tok/s  {r.flops_per_s / 1e9:6.1f} GFLOP/s  loss {r.loss:.3f}',
@@ -313,25 +267,25 @@ def phase_fns(case: Case) -> tuple[dict[str, Callable[[], Any]], float]:
     """Forward, forward+backward and the optimizer update, each jitted alone with the trainer's
     shardings, plus the train step itself; and XLA's FLOP count of the forward."""
     setup = case.setup
-    loss_fn, md, tx = setup.family.loss, setup.md, setup.tx
-    p_sh, b_sh = setup.shardings.params, setup.batch_sharding
+    loss_fn, definition, optimizer = setup.family.loss, setup.model_def, setup.optimizer
+    p_sh, b_sh = setup.state_shardings.params, setup.batch_sharding
 
     def loss_of(p, b):
-        return loss_fn(md.merge(p), b)[0]
+        return loss_fn(definition.merge(p), b)[0]
 
     def update(g, o, p):
-        updates, o = tx.update(g, o, p)
+        updates, o = optimizer.update(g, o, p)
         return optax.apply_updates(p, updates), o
 
     fwd = jax.jit(loss_of, in_shardings=(p_sh, b_sh))
     fwd_bwd = jax.jit(jax.value_and_grad(loss_of), in_shardings=(p_sh, b_sh),
                       out_shardings=(None, p_sh))
-    opt = jax.jit(update, in_shardings=(p_sh, setup.shardings.opt_state, p_sh),
-                  out_shardings=(p_sh, setup.shardings.opt_state))
-    batch = setup.batch
+    opt = jax.jit(update, in_shardings=(p_sh, setup.state_shardings.opt_state, p_sh),
+                  out_shardings=(p_sh, setup.state_shardings.opt_state))
+    batch = case.batch
     # Copies: the train step donates its state, which would delete arrays shared with it.
-    params = jax.tree.map(jnp.copy, setup.state.params)
-    opt_state = jax.tree.map(jnp.copy, setup.state.opt_state)
+    params = jax.tree.map(jnp.copy, case.state.params)
+    opt_state = jax.tree.map(jnp.copy, case.state.opt_state)
     grads = fwd_bwd(params, batch)[1]
     fns = {'forward': lambda: fwd(params, batch),
            'forward+backward': lambda: fwd_bwd(params, batch),
@@ -569,7 +523,7 @@ def measure_breakdown(cases: dict[str, Case], repeats: int, do_profile: bool) ->
     """Timings for the 'where the time goes' section, on the largest size (one device)."""
     case = cases['none']
     # Phases, standalone GEMMs and a square matmul in the same rounds: comparable numbers.
-    with mesh_lib.activate(case.setup.mesh, case.setup.rules):
+    with case.setup.activate():
         pfns, xla_fwd = phase_fns(case)
         gfns, meta = gemm_fns(case.setup.cfg)
         wall, cpu = interleaved({**pfns, **gfns}, repeats)
@@ -717,10 +671,10 @@ def _findings(rows: dict[str, Row], phases: dict, gemm_s: float, gemm_flops: flo
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse_args(argv)
-    _force_host_devices(args.devices)
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _force_host_devices(_DEVICES.value)
     t_start = time.perf_counter()
     loads = [os.getloadavg()[0]]
     all_devices = jax.devices()
@@ -732,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           flush=True)
 
     one = [dev0]
-    sizes = args.sizes.split(',')
+    sizes = _SIZES.value
     largest = sizes[-1]
     cases = [Case(size if size != largest else 'none', size, make_config(size), one) for size in sizes]
     for key, label, kw in (('bf16', 'bfloat16', dict(compute_dtype='bfloat16')),
@@ -742,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(all_devices) >= 2 and SIZES[largest]['batch'] % 2 == 0:
         cases.append(Case('data2', f'{largest} batch over 2 devices', make_config(largest),
                           all_devices[:2]))
-    rows, ref = time_cases(cases, args.steps, args.warmup)
+    rows, ref = time_cases(cases, _STEPS.value, _WARMUP.value)
     loads.append(os.getloadavg()[0])
     by_key = {c.key: c for c in cases}
     if dev0.platform == 'cpu':
@@ -755,23 +709,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         peak_note = f'one {dev0.device_kind}: {src}'
 
     analysis = []
-    if args.analyse:
+    if _ANALYSE.value:
         # More rounds than the table: these timings are shorter, and are compared one by one.
-        data = measure_breakdown(by_key, args.steps + 3, args.profile)
+        data = measure_breakdown(by_key, _STEPS.value + 3, _PROFILE.value)
         if dev0.platform == 'cpu':
             matmul['n=2048 in the breakdown rounds'] = data['ref']
             peak = max(matmul.values())
         analysis = analyse(rows, by_key, data, peak, ref['cpu'])
     loads.append(os.getloadavg()[0])
-    command = 'python -m benchmarks.train_throughput' + ''.join(f' {shlex.quote(a)}' for a in argv)
+    command = 'python -m benchmarks.train_throughput' + ''.join(
+        f' {shlex.quote(a)}' for a in sys.argv[1:])
     print(f'peak {peak / 1e9:.1f} GFLOP/s ({peak_note})', flush=True)
     lines = header(list(rows.values()), peak, peak_note, matmul if dev0.platform == 'cpu' else {},
-                   ref, command, time.perf_counter() - t_start, args.steps, loads) + analysis
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'w') as f:
+                   ref, command, time.perf_counter() - t_start, _STEPS.value, loads) + analysis
+    os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+    with open(_OUT.value, 'w') as f:
         f.write('\n'.join(lines).rstrip() + '\n')
-    print(f'wrote {args.out} in {(time.perf_counter() - t_start) / 60:.1f} min', flush=True)
+    print(f'wrote {_OUT.value} in {(time.perf_counter() - t_start) / 60:.1f} min', flush=True)
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

@@ -1,6 +1,6 @@
 """A tiny byte-level transformer LM on the embedded corpus: a few minutes on a 2-core CPU."""
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def get_config():

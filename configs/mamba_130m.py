@@ -6,7 +6,7 @@ For a real run set the data (e.g. --config.data.source=tfds --config.data.tfds_n
 Chinchilla-style ~20 tokens per parameter at 0.5M tokens per step.
 """
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ Mamba-2 instead: --config.model.ssm.version=2 --config.model.ssm.d_state=32; a h
 attention block every 2nd layer: --config.model.ssm.attn_every=2.
 """
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def get_config():

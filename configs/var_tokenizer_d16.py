@@ -7,7 +7,7 @@ ImageNet train folder) prepared once into ArrayRecord by the `local_image_folder
         --config.data.image.image_dir=/data/imagenet/train --config.data.image.tfds_data_dir=/data/tfds
 """
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def get_config():

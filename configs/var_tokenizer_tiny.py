@@ -3,7 +3,7 @@
     python -m pretrain.train --config=configs/var_tokenizer_tiny.py --workdir=runs/var_tok
 """
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def get_config():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+import model_zoo
 from pretrain import config as config_lib
 
 DOCS = 'docs'
@@ -41,7 +42,7 @@ ABLATIONS = {
 
 
 def make_config(width: int, k: int, steps: int, overrides: dict[str, Any]):
-    c = config_lib.base_config()
+    c = model_zoo.base_config()
     c.model.update(d_model=width, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=3 * width)
     c.data.seq_len = 64
     common.quiet(c, steps, eval_batches=16)

@@ -16,7 +16,6 @@ from model_zoo import scans
 from model_zoo import transformer as transformer_lib
 from model_zoo.family import FAMILIES, Family
 from model_zoo.layers import REMAT_POLICIES, RMSNorm, normal, ones, param
-from pretrain import parametrization
 from pretrain.errors import ConfigError, check_choice
 from pretrain.mesh import constrain
 from pretrain.parametrization import Parametrization
@@ -374,10 +373,30 @@ def validate(cfg, axes: dict[str, int]) -> None:
         transformer_lib.validate(cfg, axes)   # the attention blocks' own shape rules
 
 
+def default_config() -> dict[str, dict]:
+    """model.ssm: the state-space keys (ignored by other families)."""
+    return {'ssm': dict(
+        version=1,                 # 1 = Mamba-1 selective scan, 2 = Mamba-2 (SSD)
+        d_state=16,                # N (16 for Mamba-1, 128 for Mamba-2 at full size)
+        d_conv=4,                  # causal depthwise conv width
+        expand=2,                  # d_inner = expand * d_model
+        dt_rank=0,                 # Mamba-1 low-rank dt projection; 0 = ceil(d_model / 16)
+        dt_min=1e-3,               # initial dt ~ exp(U[log dt_min, log dt_max]), >= dt_floor
+        dt_max=1e-1,
+        dt_floor=1e-4,
+        scan='chunked',            # Mamba-1 scan: 'sequential' | 'associative' | 'chunked'
+        chunk_size=64,             # chunked scan and SSD chunk length
+        headdim=64,                # Mamba-2 head dim P (heads = d_inner / P)
+        n_groups=1,                # Mamba-2 groups sharing B and C
+        attn_every=0,              # hybrid: every k-th block is attention + MLP; 0 = none
+    )}
+
+
 FAMILIES.register('mamba')(Family(
-    build=lambda cfg, rngs: MambaLM(cfg.model, rngs, parametrization.from_config(cfg)),
+    build=lambda cfg, rngs, p13n: MambaLM(cfg.model, rngs, p13n),
     loss=lm_loss,
     flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
     tokens_per_example=lambda cfg: cfg.data.seq_len,
     validate=validate,
+    default_config=default_config,
 ))

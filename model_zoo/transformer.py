@@ -10,7 +10,6 @@ from flax import nnx
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import REMAT_POLICIES, Attention, Embedding, RMSNorm, SwiGLU, normal, param
 from pretrain.errors import ConfigError, check_choice
-from pretrain import parametrization
 from pretrain.mesh import constrain
 from pretrain.parametrization import Parametrization
 
@@ -174,7 +173,7 @@ def validate(cfg, axes: dict[str, int]) -> None:
 
 
 FAMILIES.register('transformer')(Family(
-    build=lambda cfg, rngs: Transformer(cfg.model, rngs, parametrization.from_config(cfg)),
+    build=lambda cfg, rngs, p13n: Transformer(cfg.model, rngs, p13n),
     loss=lm_loss,
     flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
     tokens_per_example=lambda cfg: cfg.data.seq_len,

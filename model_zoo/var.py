@@ -6,7 +6,7 @@ position embeddings. Attention is block-causal: token i sees j iff level(j) <= l
 are AdaLN-modulated by the class embedding. Loss: cross-entropy over all scales' codes; class
 labels are dropped to the unconditional index with probability cond_dropout (for CFG).
 
-The frozen tokenizer lives in the data pipeline (`prepare`): it turns each batch of images into
+The frozen tokenizer lives in the data pipeline (`pipeline_options`): it turns each batch of images into
 {'codes': i32[B, L], 'inputs': f32[B, L - pn_1^2, Cvae], 'labels', 'u'}, so the trained model
 holds only its own parameters.
 """
@@ -15,6 +15,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -22,8 +23,10 @@ from flax import nnx
 from model_zoo import var_tokenizer
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import normal, param
+from pretrain import checkpoint as checkpoint_lib
 from pretrain import parametrization
-from pretrain.errors import ConfigError
+from pretrain import state as state_lib
+from pretrain.errors import ConfigError, check_choice
 from pretrain.mesh import constrain
 from pretrain.parametrization import Parametrization
 
@@ -247,15 +250,13 @@ def _tokenizer_error(cfg, problem: str) -> ConfigError:
 
 def tokenizer_record(cfg) -> tuple[str, int, dict]:
     """(checkpoint folder, latest step, its JSON record) of the stage-1 run; ConfigError if absent."""
-    from pretrain import checkpoint as ckpt_lib
-
     workdir = cfg.data.image.tokenizer_dir
     if not workdir:
         raise _tokenizer_error(cfg, 'empty')
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(ckpt_dir):
         raise _tokenizer_error(cfg, f'no tokenizer checkpoint ({ckpt_dir} does not exist)')
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir, cfg.checkpoint, read_only=True)
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
     step = ckpt.latest_step()
     if step is None:
         raise _tokenizer_error(cfg, f'no tokenizer checkpoint ({ckpt_dir} holds no saved step)')
@@ -282,51 +283,30 @@ def check_tokenizer(cfg) -> None:
         raise _tokenizer_error(cfg, 'the tokenizer was trained with other settings: ' + '; '.join(diffs))
 
 
-def restore_model(workdir: str, ckpt_cfg=None, device: jax.Device | None = None):
+def restore_model(workdir: str, device: jax.Device | None = None):
     """(model, its config, step) from the latest checkpoint of a finished run, read-only.
 
-    Rebuilds the saved train state's abstract shape (optimizer included) from the run's own
-    config and restores it onto one device; only the model's parameters are kept.
+    Only the parameters are read (onto one device); the model is rebuilt from the run's own
+    saved config.
     """
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from pretrain import checkpoint as ckpt_lib
-    from pretrain import optim, schedules
-    from pretrain import state as state_lib
-
-    ckpt_dir = os.path.join(workdir, 'checkpoints')
-    probe = ckpt_lib.Checkpointer(ckpt_dir, ckpt_cfg or _read_only_ckpt_cfg(), read_only=True)
-    step = probe.latest_step()
-    if step is None:
-        raise ConfigError(f'{ckpt_dir} holds no checkpoint')
-    cfg = ml_collections.ConfigDict(probe.read_record(step)['config'])
+    params, record, step = checkpoint_lib.restore_params(workdir, device=device)
+    cfg = ml_collections.ConfigDict(record['config'])
     family = FAMILIES.get(cfg.model.family)
-    md = state_lib.model_def(family.build, cfg)
-    spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
-    tx = optim.make_optimizer(cfg.optim, schedules.make_schedule(spec), md.info,
-                              parametrization.from_config(cfg))
-    abstract = jax.eval_shape(state_lib.init_fn(family.build, cfg, tx), jax.random.PRNGKey(0))
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                          abstract)
-    state = probe.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
-    probe.close()
-    return md.merge(state.params), cfg, step
-
-
-def _read_only_ckpt_cfg():
-    import ml_collections
-    return ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, every_steps=1,
-                                          async_save=False))
+    definition = state_lib.model_def(family.build, cfg, parametrization.from_config(cfg))
+    return definition.merge(params), cfg, step
 
 
 def load_tokenizer(cfg, device: jax.Device | None = None) -> tuple[var_tokenizer.VQVAE, int]:
     """The frozen stage-1 model of data.image.tokenizer_dir (checked first) and its step."""
     check_tokenizer(cfg)
-    model, _, step = restore_model(cfg.data.image.tokenizer_dir, cfg.checkpoint, device)
+    model, _, step = restore_model(cfg.data.image.tokenizer_dir, device)
     return model, step
+
+
+def pipeline_options(cfg) -> dict:
+    """The image pipeline's class count (the class table must cover every label of the data)
+    and the frozen stage-1 encoding it runs on every batch."""
+    return {'num_classes': cfg.model.var.num_classes, 'transform': make_prepare(cfg)}
 
 
 def make_prepare(cfg):
@@ -378,8 +358,6 @@ def flops_per_example(cfg) -> float:
 
 def validate(cfg, axes: dict[str, int]) -> None:
     """Shape and mesh checks, then the stage-1 checkpoint (before any compute)."""
-    from pretrain.errors import check_choice
-
     m, v = cfg.model, cfg.model.var
     var_tokenizer.check_config(cfg, axes)
     check_choice('model.compute_dtype', m.compute_dtype, ('float32', 'bfloat16'))
@@ -404,13 +382,14 @@ def depth_rule(depth: int) -> dict[str, int]:
 
 
 FAMILIES.register('var')(Family(
-    build=lambda cfg, rngs: VAR(cfg, rngs, parametrization.from_config(cfg)),
+    build=lambda cfg, rngs, p13n: VAR(cfg, rngs, p13n),
     loss=var_loss,
     flops_per_example=flops_per_example,
     tokens_per_example=lambda cfg: sum(p * p for p in cfg.model.var.patch_nums),
     validate=validate,
     data='image',
-    prepare=make_prepare,
+    default_config=var_tokenizer.default_config,
+    pipeline_options=pipeline_options,
     example_spec=example_spec,
 ))
 

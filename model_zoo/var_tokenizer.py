@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_zoo import resize
+from pretrain.data import resize
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import RMSNorm, normal, param
 from pretrain.errors import ConfigError
@@ -310,12 +310,33 @@ def example_spec(cfg) -> dict[str, jax.ShapeDtypeStruct]:
             'u': jax.ShapeDtypeStruct((), jnp.float32)}
 
 
+def default_config() -> dict[str, dict]:
+    """model.var, shared by both VAR stages: the next-scale transformer's width, depth and heads
+    are model.d_model / n_layers / n_heads (configs use the depth rule d_model = 64 x depth,
+    n_heads = depth); stage 2's tokenizer keys must match stage 1's."""
+    return {'var': dict(
+        patch_nums=(1, 2, 3, 4),   # token-map sizes, coarse to fine; the last is the latent size
+        codebook_size=64,
+        latent_channels=16,        # Cvae
+        base_channels=32,          # tokenizer CNN width at full resolution
+        channel_mult=(1, 2, 2),    # width multiple per resolution level (len - 1 halvings)
+        n_phi=4,                   # shared phi refinement convs
+        phi_ratio=0.5,             # phi(h) = (1 - r) h + r conv(h)
+        beta=0.25,                 # VQ commitment weight
+        dead_code_weight=0.1,      # pull of codes unused in a batch towards their nearest feature
+        num_classes=10,            # class labels; index num_classes is the unconditional one
+        cond_dropout=0.1,          # class dropout for classifier-free guidance
+        mlp_ratio=4.0,
+    )}
+
+
 FAMILIES.register('var_tokenizer')(Family(
-    build=lambda cfg, rngs: VQVAE(cfg, rngs),
+    build=lambda cfg, rngs, p13n: VQVAE(cfg, rngs),
     loss=tokenizer_loss,
     flops_per_example=_flops,
     tokens_per_example=lambda cfg: latent_size(cfg) ** 2,
     validate=check_config,
+    default_config=default_config,
     data='image',
     example_spec=example_spec,
 ))

@@ -5,17 +5,56 @@ state (params, optimizer, step, RNG, data position) at STEP. The branch is accep
 parent was in its stable phase there (warmup over, no update yet decayed) and the child's
 schedule gives exactly the parent's LR at every earlier step, so the child's history up to the
 branch is the parent's. The lineage (parent run, step; and the parent's own lineage) is kept in
-every checkpoint record of the child.
+every checkpoint record of the child. `resolve` does all of it before anything is created.
 """
 
+import dataclasses
 import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain import checkpoint as checkpoint_lib
 from pretrain import schedules
 from pretrain.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Parent:
+    """A checked branch point: the parent's checkpoints (read-only), the step, the lineage."""
+
+    checkpointer: checkpoint_lib.Checkpointer
+    step: int
+    lineage: list[dict[str, Any]]   # the child's: the parent's own lineage + the parent
+
+    def restore(self, abstract_state, data_iter):
+        """The parent's state at `step` onto the shardings of `abstract_state`, and the data
+        iterator's position; the parent's checkpoints are closed afterwards."""
+        try:
+            return self.checkpointer.restore(self.step, abstract_state, data_iter)
+        finally:
+            self.checkpointer.close()
+
+    def describe(self) -> str:
+        return f'branched from {self.checkpointer.path(self.step)}; lineage {self.lineage}'
+
+
+def resolve(cfg, spec: schedules.ScheduleSpec, param_shapes: dict[str, list[int]]) -> Parent:
+    """The checked branch point of cfg.schedule.branch_from (ConfigError before any compute)."""
+    branch_from = cfg.schedule.branch_from
+    parent_run, step = parse(branch_from)
+    parent_dir = os.path.join(parent_run, 'checkpoints')
+    if not os.path.isdir(parent_dir):
+        raise ConfigError(f'schedule.branch_from={branch_from!r}: {parent_dir} does not exist')
+    checkpointer = checkpoint_lib.Checkpointer(parent_dir, cfg.checkpoint, read_only=True)
+    if step not in checkpointer.all_steps():
+        raise ConfigError(f'schedule.branch_from={branch_from!r}: no checkpoint at step {step}; '
+                          f'{parent_dir} has steps {checkpointer.all_steps()}')
+    record = checkpointer.read_record(step)
+    checkpoint_lib.check_shapes(record, param_shapes, parent_dir, step)
+    lineage = check(record, parent_run, step, spec, cfg.train.steps)
+    return Parent(checkpointer, step, lineage)
 
 
 def parse(branch_from: str) -> tuple[str, int]:

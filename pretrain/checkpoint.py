@@ -56,14 +56,19 @@ class _DataRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     """Keeps the last `keep_last` checkpoints and every `keep_every`-th step."""
 
-    def __init__(self, directory: str, ckpt_cfg, read_only: bool = False):
-        """read_only: for another run's checkpoints (a branch parent): never writes or cleans."""
+    def __init__(self, directory: str, ckpt_cfg=None, read_only: bool = False):
+        """read_only: for another run's checkpoints (a branch parent): never writes or cleans;
+        `ckpt_cfg` (the retention and save settings) is then not needed."""
+        if ckpt_cfg is None and not read_only:
+            raise ValueError('a writable Checkpointer needs the checkpoint config')
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
+        retention = {} if ckpt_cfg is None else dict(
             max_to_keep=ckpt_cfg.keep_last,
             keep_period=ckpt_cfg.keep_every or None,
             save_interval_steps=ckpt_cfg.every_steps,
-            enable_async_checkpointing=ckpt_cfg.async_save,
+            enable_async_checkpointing=ckpt_cfg.async_save)
+        options = ocp.CheckpointManagerOptions(
+            **retention,
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,   # half-written saves of a killed run
@@ -102,6 +107,37 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None,
+                   device: jax.Device | None = None) -> tuple[Any, dict[str, Any], int]:
+    """(params, JSON record, step) of a run's checkpoint (the latest by default), read-only.
+
+    Only the model parameters are read, onto one device (the first local one by default): their
+    shapes come from the checkpoint's own metadata, so no model or optimizer is rebuilt.
+    """
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f'{ckpt_dir} does not exist')
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise ConfigError(f'{ckpt_dir} holds no checkpoint'
+                              + ('' if step is None else f' at step {step}'))
+        record = checkpointer.read_record(step)
+    finally:
+        checkpointer.close()
+    state_dir = os.path.join(checkpointer.path(step), 'state')
+    reader = ocp.PyTreeCheckpointer()
+    saved = reader.metadata(state_dir).item_metadata.tree['params']
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    target = {'params': jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), saved)}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return restored['params'], record, step
 
 
 class SaveTimer:

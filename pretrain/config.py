@@ -1,27 +1,24 @@
-"""Config schema, defaults and validation.
+"""Config schema, defaults and validation of the trainer's own keys.
 
-A config file (configs/*.py) defines `get_config()` that starts from `base_config()` and
-changes values; every key a run may use exists here, so the dict is locked and a typo is an
-error. `validate` checks the whole config against the device count before any compute.
+A config file (configs/*.py) defines `get_config()` that starts from `model_zoo.base_config()`
+(these core keys plus every model family's section) and changes values; every key a run may
+use exists there, so the dict is locked and a typo is an error. `validate` checks the whole
+config against the device count and the configured family before any compute.
 """
 
 import json
-import math
 from typing import Any
 
 import ml_collections
 
-from pretrain import scaling_rules
+from pretrain import branching, data, mesh, optim, parametrization, scaling_rules, schedules
 from pretrain.errors import ConfigError, check_choice
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
-DTYPES = ('float32', 'bfloat16')
-REMAT_POLICIES = ('none', 'full', 'dots')
 NONFINITE_POLICIES = ('stop', 'skip')
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every key a run can set, with defaults that train a tiny LM on the embedded corpus."""
+def core_config() -> ml_collections.ConfigDict:
+    """The trainer's keys, with defaults that train a tiny LM on the embedded corpus."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -41,39 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype='float32',   # 'bfloat16' for mixed precision
         remat='none',              # 'none' | 'full' | 'dots'
     )
-    # State-space models (family 'mamba', model_zoo/mamba.py); ignored by other families.
-    c.model.ssm = dict(
-        version=1,                 # 1 = Mamba-1 selective scan, 2 = Mamba-2 (SSD)
-        d_state=16,                # N (16 for Mamba-1, 128 for Mamba-2 at full size)
-        d_conv=4,                  # causal depthwise conv width
-        expand=2,                  # d_inner = expand * d_model
-        dt_rank=0,                 # Mamba-1 low-rank dt projection; 0 = ceil(d_model / 16)
-        dt_min=1e-3,               # initial dt ~ exp(U[log dt_min, log dt_max]), >= dt_floor
-        dt_max=1e-1,
-        dt_floor=1e-4,
-        scan='chunked',            # Mamba-1 scan: 'sequential' | 'associative' | 'chunked'
-        chunk_size=64,             # chunked scan and SSD chunk length
-        headdim=64,                # Mamba-2 head dim P (heads = d_inner / P)
-        n_groups=1,                # Mamba-2 groups sharing B and C
-        attn_every=0,              # hybrid: every k-th block is attention + MLP; 0 = none
-    )
-    # VAR families (model_zoo/var_tokenizer.py, model_zoo/var.py). The next-scale transformer's
-    # width, depth and heads are model.d_model / n_layers / n_heads (configs use the depth
-    # rule d_model = 64 x depth, n_heads = depth); the tokenizer's keys must match stage 1's.
-    c.model.var = dict(
-        patch_nums=(1, 2, 3, 4),   # token-map sizes, coarse to fine; the last is the latent size
-        codebook_size=64,
-        latent_channels=16,        # Cvae
-        base_channels=32,          # tokenizer CNN width at full resolution
-        channel_mult=(1, 2, 2),    # width multiple per resolution level (len - 1 halvings)
-        n_phi=4,                   # shared phi refinement convs
-        phi_ratio=0.5,             # phi(h) = (1 - r) h + r conv(h)
-        beta=0.25,                 # VQ commitment weight
-        dead_code_weight=0.1,      # pull of codes unused in a batch towards their nearest feature
-        num_classes=10,            # class labels; index num_classes is the unconditional one
-        cond_dropout=0.1,          # class dropout for classifier-free guidance
-        mlp_ratio=4.0,
-    )
+    # A family's own keys (model.ssm, model.var, ...) are added by model_zoo.base_config().
 
     c.data = dict(
         source='stdlib',           # 'stdlib' | 'text_files' | 'tfds'
@@ -176,38 +141,36 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f'{key}={value!r} must be an integer >= {minimum}')
 
 
-def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: int = 1,
-             process_count: int = 1) -> dict[str, int]:
+def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
+             num_granules: int = 1, process_count: int = 1) -> dict[str, int]:
     """Checks the whole config against the devices; returns the mesh axis sizes (ici x dcn).
 
-    Raises ConfigError naming the key, the value and what is allowed. Reads no data and
-    computes nothing, so a bad config fails in seconds.
+    `family` is the model_zoo Family that cfg.model.family names (looked up by the caller); its
+    own `validate` checks the model keys. Raises ConfigError naming the key, the value and what
+    is allowed. Reads no data and computes nothing, so a bad config fails in seconds.
     """
-    from model_zoo import FAMILIES  # the registry imports the families, which import pretrain
-    from pretrain import data, mesh, optim, parametrization, schedules
-
-    family = FAMILIES.get(cfg.model.family, 'model.family')
     ici, dcn = mesh.mesh_shape(cfg.mesh, num_devices, num_granules)
     mesh.merge_rules(cfg.mesh.rules)
-    axes = {a: ici[a] * dcn[a] for a in MESH_AXES}
+    axes = {a: ici[a] * dcn[a] for a in mesh.AXES}
 
-    t = cfg.train
+    train_cfg = cfg.train
     for key in ('steps', 'global_batch_size', 'grad_accum_steps', 'log_every', 'eval_batches'):
-        _positive(f'train.{key}', t[key])
-    _positive('train.eval_every', t.eval_every, 0)
-    check_choice('train.nonfinite_policy', t.nonfinite_policy, NONFINITE_POLICIES)
-    if t.global_batch_size % t.grad_accum_steps:
-        raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by '
-                          f'train.grad_accum_steps={t.grad_accum_steps}')
-    micro = t.global_batch_size // t.grad_accum_steps
+        _positive(f'train.{key}', train_cfg[key])
+    _positive('train.eval_every', train_cfg.eval_every, 0)
+    check_choice('train.nonfinite_policy', train_cfg.nonfinite_policy, NONFINITE_POLICIES)
+    batch, accum = train_cfg.global_batch_size, train_cfg.grad_accum_steps
+    if batch % accum:
+        raise ConfigError(f'train.global_batch_size={batch} must be divisible by '
+                          f'train.grad_accum_steps={accum}')
+    micro = batch // accum
     data_parallel = axes['data'] * axes['fsdp']
     if micro % data_parallel:
         raise ConfigError(
-            f'train.global_batch_size={t.global_batch_size} / grad_accum_steps={t.grad_accum_steps} '
+            f'train.global_batch_size={batch} / grad_accum_steps={accum} '
             f'= {micro} sequences per micro-batch must be divisible by the data-parallel size '
             f'data*fsdp = {axes["data"]}*{axes["fsdp"]} = {data_parallel}')
-    if t.global_batch_size % process_count:
-        raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by the '
+    if batch % process_count:
+        raise ConfigError(f'train.global_batch_size={batch} must be divisible by the '
                           f'number of processes ({process_count})')
 
     _positive('data.seq_len', cfg.data.seq_len)
@@ -226,12 +189,14 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
     optim.validate(cfg.optim)
     parametrization.from_config(cfg)
     scaling_rules.validate(cfg)
-    schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
-    c = cfg.checkpoint
-    _positive('checkpoint.every_steps', c.every_steps)
-    _positive('checkpoint.keep_last', c.keep_last)
-    _positive('checkpoint.keep_every', c.keep_every, 0)
-    minutes = c.every_minutes
+    schedules.spec_from_config(cfg.schedule, cfg.optim.lr, train_cfg.steps)
+    if cfg.schedule.branch_from:
+        branching.parse(cfg.schedule.branch_from)
+    checkpoint_cfg = cfg.checkpoint
+    _positive('checkpoint.every_steps', checkpoint_cfg.every_steps)
+    _positive('checkpoint.keep_last', checkpoint_cfg.keep_last)
+    _positive('checkpoint.keep_every', checkpoint_cfg.keep_every, 0)
+    minutes = checkpoint_cfg.every_minutes
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes >= 0:
         raise ConfigError(f'checkpoint.every_minutes={minutes!r} must be a number >= 0 (0 = off)')
     if cfg.metrics.peak_flops_per_device < 0:

@@ -127,7 +127,7 @@ def _fill(sizes: Mapping[str, int], total: int, key: str) -> dict[str, int]:
     return sizes
 
 
-def _granules(devices: Sequence[jax.Device]) -> int:
+def num_granules(devices: Sequence[jax.Device]) -> int:
     """Number of DCN-connected groups: TPU slices if the devices say so, else processes."""
     if hasattr(devices[0], 'slice_index'):
         return len({d.slice_index for d in devices})
@@ -146,7 +146,7 @@ def mesh_shape(mesh_cfg, num_devices: int, num_granules: int = 1) -> tuple[dict,
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over AXES (Auto axis types: sharding follows the logical constraints)."""
     devices = list(devices if devices is not None else jax.devices())
-    ici, dcn = mesh_shape(mesh_cfg, len(devices), _granules(devices))
+    ici, dcn = mesh_shape(mesh_cfg, len(devices), num_granules(devices))
     shape = [ici[a] for a in AXES]
     if math.prod(dcn.values()) == 1:
         try:
@@ -159,7 +159,3 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
             process_is_granule=not hasattr(devices[0], 'slice_index'))
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
-
-def axis_size(mesh: Mesh, names: MeshAxes) -> int:
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    return math.prod(mesh.shape[n] for n in names)

@@ -21,18 +21,17 @@ OPTIMIZERS = ('adamw',)
 
 
 def validate(optim_cfg) -> None:
-    o = optim_cfg
-    check_choice('optim.name', o.name, OPTIMIZERS)
-    check_choice('optim.weight_decay_mode', o.weight_decay_mode, p13n_lib.WEIGHT_DECAY_MODES)
+    check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
+    check_choice('optim.weight_decay_mode', optim_cfg.weight_decay_mode, p13n_lib.WEIGHT_DECAY_MODES)
     for key in ('b1', 'b2'):
-        if not 0.0 <= o[key] < 1.0:
-            raise ConfigError(f'optim.{key}={o[key]} must be in [0, 1)')
-    if o.eps <= 0:
-        raise ConfigError(f'optim.eps={o.eps} must be > 0')
-    if o.weight_decay < 0:
-        raise ConfigError(f'optim.weight_decay={o.weight_decay} must be >= 0')
-    if o.grad_clip < 0:
-        raise ConfigError(f'optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)')
+        if not 0.0 <= optim_cfg[key] < 1.0:
+            raise ConfigError(f'optim.{key}={optim_cfg[key]} must be in [0, 1)')
+    if optim_cfg.eps <= 0:
+        raise ConfigError(f'optim.eps={optim_cfg.eps} must be > 0')
+    if optim_cfg.weight_decay < 0:
+        raise ConfigError(f'optim.weight_decay={optim_cfg.weight_decay} must be >= 0')
+    if optim_cfg.grad_clip < 0:
+        raise ConfigError(f'optim.grad_clip={optim_cfg.grad_clip} must be >= 0 (0 = off)')
 
 
 class _CountState(NamedTuple):
@@ -57,7 +56,7 @@ def add_decay(rates, schedule: optax.Schedule | None = None) -> optax.GradientTr
     return optax.GradientTransformation(lambda params: _CountState(jnp.zeros([], jnp.int32)), update)
 
 
-def _adam(o, info, p13n) -> optax.GradientTransformation:
+def _adam(optim_cfg, info, p13n) -> optax.GradientTransformation:
     """Adam with a per-parameter epsilon eps * eps_mult_i.
 
     Adam's update g / (|g| + eps) depends on the gradient's scale only through eps, so
@@ -65,25 +64,25 @@ def _adam(o, info, p13n) -> optax.GradientTransformation:
     Adam; that keeps a single optimizer state (and multiplying by 1.0 is exact).
     """
     grad_scale = p13n_lib.per_param(info, lambda role, _: 1.0 / p13n.eps_mult(role))
-    adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
     if all(s == 1.0 for s in jax.tree.leaves(grad_scale)):
         return adam
     return optax.chain(scale_by_tree(grad_scale), adam)
 
 
 def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
-                   p13n: p13n_lib.Parametrization | None = None) -> optax.GradientTransformation:
-    """The full chain; `info` is the ParamInfo tree, `p13n` defaults to SP."""
-    o = optim_cfg
-    p13n = p13n or p13n_lib.Parametrization()
+                   p13n: p13n_lib.Parametrization) -> optax.GradientTransformation:
+    """The full chain; `info` is the ParamInfo tree, `p13n` the run's parametrization."""
+    weight_decay, mode = optim_cfg.weight_decay, optim_cfg.weight_decay_mode
     lr_mults = p13n_lib.per_param(info, p13n.lr_mult)
-    decay = p13n_lib.per_param(info, lambda role, _: o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
-    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    parts.append(_adam(o, info, p13n))
-    if o.weight_decay_mode == 'independent':
+    decay = p13n_lib.per_param(info, lambda role, _: weight_decay * p13n.wd_mult(role, mode))
+    parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
+    parts.append(_adam(optim_cfg, info, p13n))
+    if mode == 'independent':
         # Decay follows the schedule's shape (eta_t / eta_peak) but not its size.
         parts += [scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule),
-                  add_decay(jax.tree.map(lambda r: -r, decay), lambda t: schedule(t) / o.lr)]
+                  add_decay(jax.tree.map(lambda r: -r, decay),
+                            lambda count: schedule(count) / optim_cfg.lr)]
     else:
         parts += [add_decay(decay), scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)
@@ -93,24 +92,22 @@ def _group(role: str, in_block: bool) -> str:
     return f'{role}_in_blocks' if role == 'vector' and in_block else role
 
 
-def applied_rates(optim_cfg, schedule: optax.Schedule, info,
-                  p13n: p13n_lib.Parametrization | None = None):
+def applied_rates(optim_cfg, schedule: optax.Schedule, info, p13n: p13n_lib.Parametrization):
     """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
-    o = optim_cfg
-    p13n = p13n or p13n_lib.Parametrization()
+    weight_decay, mode = optim_cfg.weight_decay, optim_cfg.weight_decay_mode
     groups = {}
     for (role, in_block) in set(jax.tree.leaves(p13n_lib.per_param(info, lambda r, b: (r, b)),
                                                 is_leaf=lambda x: isinstance(x, tuple))):
         groups[_group(role, in_block)] = (p13n.lr_mult(role, in_block),
-                                          o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
+                                          weight_decay * p13n.wd_mult(role, mode))
 
     def rates(step: jax.Array) -> dict[str, jax.Array]:
         eta = schedule(step)
         out = {}
         for name, (lr_mult, wd) in sorted(groups.items()):
             out[f'lr/{name}'] = eta * lr_mult
-            coupled = o.weight_decay_mode != 'independent'
-            out[f'wd/{name}'] = eta * lr_mult * wd if coupled else wd * eta / o.lr
+            coupled = mode != 'independent'
+            out[f'wd/{name}'] = eta * lr_mult * wd if coupled else wd * eta / optim_cfg.lr
         return out
 
     return rates

@@ -45,9 +45,9 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
 
-def model_def(build, cfg) -> ModelDef:
-    """Traces the model constructor abstractly (no compute, no memory)."""
-    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
+def model_def(build, cfg, p13n: parametrization.Parametrization) -> ModelDef:
+    """Traces the model constructor `build(cfg, rngs, p13n)` abstractly (no compute, no memory)."""
+    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0), p13n))
     graphdef, skeleton = nnx.split(model)
     info, shapes = {}, {}
     flat = list(nnx.to_flat_state(skeleton))
@@ -67,47 +67,39 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def param_count(md: ModelDef, exclude_roles: tuple[str, ...] = ()) -> int:
+def param_count(definition: ModelDef, exclude_roles: tuple[str, ...] = ()) -> int:
     """Parameters, optionally without some roles (e.g. non-embedding: no embedding/readout)."""
-    roles = jax.tree.leaves(jax.tree.map(lambda i: i.role, md.info))
-    return sum(x.size for x, r in zip(jax.tree.leaves(md.shapes), roles) if r not in exclude_roles)
+    roles = jax.tree.leaves(jax.tree.map(lambda i: i.role, definition.info))
+    return sum(x.size for x, r in zip(jax.tree.leaves(definition.shapes), roles)
+               if r not in exclude_roles)
 
 
-def state_shardings(md: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
+def state_shardings(definition: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: mesh_lib.Rules, abstract_state: TrainState) -> TrainState:
     """Shardings of every leaf: params by their logical axes; optimizer moments follow params."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    param_sh = jax.tree.map(lambda i: mesh_lib.named_sharding(mesh, i.axes, rules), md.info)
+    param_sh = jax.tree.map(lambda i: mesh_lib.named_sharding(mesh, i.axes, rules), definition.info)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
                                    transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
-def init_fn(build, cfg, tx: optax.GradientTransformation):
-    """A pure function seed-key -> TrainState, to be jitted with out_shardings."""
+def init_fn(build, cfg, tx: optax.GradientTransformation, p13n: parametrization.Parametrization,
+            definition: ModelDef):
+    """A pure function seed-key -> TrainState, to be jitted with out_shardings.
 
-    info = model_def(build, cfg).info
-    p13n = parametrization.from_config(cfg)
+    `p13n` and `definition` are the run's parametrization and model def, built once by the
+    caller (pretrain.setup) and used here for the model and its init multipliers.
+    """
 
     def init(key: jax.Array) -> TrainState:
         init_key, rng = jax.random.split(key)
-        model = build(cfg, nnx.Rngs(params=init_key))
-        params = parametrization.scale_init(nnx.to_pure_dict(nnx.state(model)), info, p13n)
+        model = build(cfg, nnx.Rngs(params=init_key), p13n)
+        params = parametrization.scale_init(nnx.to_pure_dict(nnx.state(model)), definition.info, p13n)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
 
     return init
-
-
-def create(build, cfg, tx, mesh: Mesh, rules: mesh_lib.Rules) -> tuple[TrainState, TrainState, ModelDef]:
-    """(sharded state, its shardings, model def); each device materialises only its shard."""
-    md = model_def(build, cfg)
-    init = init_fn(build, cfg, tx)
-    key = jax.random.PRNGKey(cfg.seed)
-    abstract = jax.eval_shape(init, key)
-    shardings = state_shardings(md, tx, mesh, rules, abstract)
-    state = jax.jit(init, out_shardings=shardings)(key)
-    return state, shardings, md
 
 
 def abstract_with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:

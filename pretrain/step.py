@@ -21,7 +21,7 @@ def _microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
                     rates: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
     """(state, batch) -> (state, metrics). Gradients are averaged over micro-batches in float32.
@@ -33,7 +33,7 @@ def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransform
     """
 
     def loss_of_params(params, batch):
-        return loss_fn(md.merge(params), batch)
+        return loss_fn(model_def.merge(params), batch)
 
     grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
@@ -76,11 +76,11 @@ def make_train_step(loss_fn: Callable, md: ModelDef, tx: optax.GradientTransform
     return train_step
 
 
-def make_eval_step(loss_fn: Callable, md: ModelDef, byte_lengths: jax.Array | None = None):
+def make_eval_step(loss_fn: Callable, model_def: ModelDef, byte_lengths: jax.Array | None = None):
     """(params, batch) -> {'loss', and 'bytes' (UTF-8 bytes of the targets) for text}."""
 
     def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
-        _, metrics = loss_fn(md.merge(params), batch)
+        _, metrics = loss_fn(model_def.merge(params), batch)
         if byte_lengths is not None:
             metrics = dict(metrics, bytes=jnp.sum(byte_lengths[batch['targets']]),
                            tokens=jnp.float32(batch['targets'].size))

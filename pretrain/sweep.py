@@ -194,10 +194,12 @@ def run_config(sweep: Sweep, run: Run, workdir: str):
 
 def check(sweep: Sweep, runs: Sequence[Run], workdir: str, num_devices: int) -> None:
     """Every run's config is valid and no existing run changed: before anything trains."""
+    from model_zoo import FAMILIES
+
     for r in runs:
         cfg = config_lib.finalize(run_config(sweep, r, workdir))
         try:
-            config_lib.validate(cfg, num_devices=num_devices)
+            config_lib.validate(cfg, FAMILIES.get(cfg.model.family), num_devices=num_devices)
         except ConfigError as e:
             raise ConfigError(f'run {r.name!r}: {e}') from None
         path = os.path.join(run_dir(workdir, r.name), SPEC)
@@ -247,6 +249,7 @@ def summarize(run: Run, workdir: str, diverged_at: int | None, wall_s: float) ->
     """The results.jsonl row of a finished run, from its config.json and metrics.jsonl."""
     import ml_collections
     from model_zoo import FAMILIES
+    from pretrain import parametrization
     from pretrain import state as state_lib
     from pretrain.metrics import read_metrics
 
@@ -256,7 +259,7 @@ def summarize(run: Run, workdir: str, diverged_at: int | None, wall_s: float) ->
     applied = raw.pop('scaling_applied', None)
     cfg = ml_collections.ConfigDict(raw)
     family = FAMILIES.get(cfg.model.family)
-    md = state_lib.model_def(family.build, cfg)
+    md = state_lib.model_def(family.build, cfg, parametrization.from_config(cfg))
     steps, batch = cfg.train.steps, cfg.train.global_batch_size
     records = [r for r in read_metrics(os.path.join(path, 'metrics.jsonl')) if 'step' in r]
     if run.parent:   # the parent's history up to the branch is this run's too

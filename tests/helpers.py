@@ -1,6 +1,6 @@
 """Small configs shared by the tests (tiny shapes keep the suite fast on 2 CPU cores)."""
 
-from pretrain.config import base_config
+from model_zoo import base_config
 
 
 def tiny_config(**train):
@@ -33,23 +33,19 @@ def random_tokens(shape, seed=0, vocab=256):
     return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab, dtype=jnp.int32)
 
 
-def fixed_batch_losses(family, c, devices, tokens_BL, steps=2) -> list[float]:
+def fixed_batch_losses(c, devices, tokens_BL, steps=2) -> list[float]:
     """Losses of `steps` updates on one fixed batch (inputs/targets from `tokens_BL`) under
-    the config's mesh over `devices`: the trainer's own state creation and train step."""
+    the config's mesh over `devices`: the trainer's own setup, state creation and train step."""
     import jax
-    from pretrain import mesh as mesh_lib
-    from pretrain import optim, schedules, state as state_lib, step as step_lib
-    mesh = mesh_lib.make_mesh(c.mesh, devices)
-    spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
-    md = state_lib.model_def(family.build, c)
-    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info)
-    with mesh_lib.activate(mesh):
-        state, _, md = state_lib.create(family.build, c, tx, mesh, mesh_lib.DEFAULT_RULES)
-        train_step = jax.jit(step_lib.make_train_step(family.loss, md, tx,
-                                                      schedules.make_schedule(spec)))
-        batch = {'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]}
-        out = []
+    import model_zoo
+    from pretrain import setup as setup_lib
+    setup = setup_lib.build(c, devices, families=model_zoo.FAMILIES)
+    batch = jax.device_put({'inputs': tokens_BL[:, :-1], 'targets': tokens_BL[:, 1:]},
+                           setup.batch_sharding)
+    out = []
+    with setup.activate():
+        state = setup.init_state()
         for _ in range(steps):
-            state, metrics = train_step(state, batch)
+            state, metrics = setup.train_step(state, batch)
             out.append(float(metrics['loss']))
     return out

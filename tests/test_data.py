@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from pretrain.config import base_config
+from model_zoo import base_config
 from pretrain.data import TOKENIZERS, check_data_config, make_text_pipeline, make_tokenizer
 from pretrain.data import sources
 from pretrain.data.text import Windows, build_stream

@@ -359,10 +359,10 @@ def test_dry_run_reports_and_writes_nothing(tmp_path, capsys):
 
 
 def test_dry_run_impossible_mesh_fails_before_compile(tmp_path, monkeypatch):
-    def no_compile(*args, **kwargs):
-        raise AssertionError('compiled before validating')
+    def no_model(*args, **kwargs):
+        raise AssertionError('built the model before validating')
 
-    monkeypatch.setattr(train, '_compile_parts', no_compile)
+    monkeypatch.setattr(train.setup_lib.state_lib, 'model_def', no_model)
     c = tiny_config()
     c.mesh.ici.update(data=3)
     with pytest.raises(ConfigError, match='mesh.ici'):

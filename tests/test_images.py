@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.config import base_config
+from model_zoo import base_config
 from pretrain.data import images
 from pretrain.errors import ConfigError
 

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pretrain import mesh as mesh_lib
-from pretrain.config import base_config
+from model_zoo import base_config
 from pretrain.errors import ConfigError
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 from model_zoo import FAMILIES
 from model_zoo.layers import ROLES
 from pretrain import mesh as mesh_lib
+from pretrain import parametrization
 from pretrain import state as state_lib
 from tests.helpers import fixed_batch_losses, random_tokens, tiny_config
 
@@ -18,7 +19,7 @@ FAMILY = FAMILIES.get('transformer')
 def _model(**model):
     c = tiny_config()
     c.model.update(**model)
-    return c, FAMILY.build(c, nnx.Rngs(0))
+    return c, FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
 
 
 _tokens = random_tokens
@@ -37,30 +38,30 @@ def test_causality(tie):
 
 def test_every_parameter_has_logical_axes_and_a_role():
     c, _ = _model()
-    md = state_lib.model_def(FAMILY.build, c)
-    infos = jax.tree.leaves(md.info)
+    definition = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
+    infos = jax.tree.leaves(definition.info)
     assert infos and all(i.role in ROLES for i in infos)
-    shapes = jax.tree.leaves(md.shapes)
+    shapes = jax.tree.leaves(definition.shapes)
     assert all(len(i.axes) == len(s.shape) for i, s in zip(infos, shapes))
     roles = {i.role for i in infos}
     assert roles == set(ROLES)   # embedding, hidden, readout and vector all occur
-    spec = mesh_lib.logical_to_spec(md.info['embed']['table'].axes)
+    spec = mesh_lib.logical_to_spec(definition.info['embed']['table'].axes)
     assert spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
 
 
 def test_gqa_parameter_count_and_flops():
     c, _ = _model(n_heads=4, n_kv_heads=2)
-    md = state_lib.model_def(FAMILY.build, c)
+    definition = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
     m = c.model
     head_dim = m.d_model // m.n_heads
     per_layer = m.d_model * head_dim * (4 + 2 + 2 + 4) + 3 * m.d_model * m.d_ff + 2 * m.d_model
     expected = m.n_layers * per_layer + 2 * m.vocab_size * m.d_model + m.d_model
-    assert state_lib.param_count(md) == expected
+    assert state_lib.param_count(definition) == expected
 
 
 def _one_step_losses(c, steps=2):
     """Losses of `steps` updates of a fixed synthetic batch on one device."""
-    return fixed_batch_losses(FAMILY, c, jax.devices()[:1], _tokens((4, 33), seed=3), steps)
+    return fixed_batch_losses(c, jax.devices()[:1], _tokens((4, 33), seed=3), steps)
 
 
 def test_golden_loss_after_one_step():

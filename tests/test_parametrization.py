@@ -8,8 +8,9 @@ from flax import nnx
 
 from model_zoo import FAMILIES
 from pretrain import config as config_lib
-from pretrain import coord_check, optim, parametrization, schedules
+from pretrain import optim, parametrization, schedules
 from pretrain import state as state_lib
+from pretrain.study import coord_check
 from pretrain.errors import ConfigError
 from tests.helpers import tiny_config
 from tests.test_model import _one_step_losses
@@ -35,9 +36,10 @@ def test_mup_at_the_base_shape_is_sp_bit_for_bit(name):
 
 
 def _init_params(c):
-    md = state_lib.model_def(FAMILY.build, c)
+    p13n = parametrization.from_config(c)
+    md = state_lib.model_def(FAMILY.build, c, p13n)
     init = state_lib.init_fn(FAMILY.build, c, optim.make_optimizer(
-        c.optim, lambda s: LR, md.info, parametrization.from_config(c)))
+        c.optim, lambda s: LR, md.info, p13n), p13n, md)
     return init(jax.random.PRNGKey(0)).params, md
 
 
@@ -58,13 +60,14 @@ def test_init_std_follows_the_role_at_two_widths():
 def test_forward_multipliers():
     c = _cfg('depth_mup', width=128, base_width=32, depth=4, base_depth=1)
     c.parametrization.update(input_mult=3.0, output_mult=2.0, depth_alpha=0.5)
-    model = FAMILY.build(c, nnx.Rngs(0))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     m, head_dim = 4.0, 64
     assert model.embedding_mult == 3.0
     assert model.readout_mult == 2.0 / m
     assert model.blocks[0].residual_mult == 4 ** -0.5
     np.testing.assert_allclose(model.blocks[0].attn.logit_scale, 1 / head_dim * np.sqrt(head_dim / m))
-    sp = FAMILY.build(_cfg('sp', width=128, depth=4), nnx.Rngs(0))
+    sp_cfg = _cfg('sp', width=128, depth=4)
+    sp = FAMILY.build(sp_cfg, nnx.Rngs(0), parametrization.from_config(sp_cfg))
     assert (sp.readout_mult, sp.blocks[0].residual_mult) == (1.0, 1.0)
     assert sp.blocks[0].attn.logit_scale == head_dim ** -0.5
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from model_zoo import FAMILIES
 from model_zoo.sample import choose, sample
+from pretrain import parametrization
 from tests.helpers import tiny_config
 
 
@@ -15,7 +16,7 @@ def _model(family):
     c = tiny_config()
     c.model.family = family
     c.model.ssm.update(version=2, headdim=16, chunk_size=8, d_state=8, attn_every=2)
-    return FAMILIES.get(family).build(c, nnx.Rngs(0))
+    return FAMILIES.get(family).build(c, nnx.Rngs(0), parametrization.from_config(c))
 
 
 def _tokens(shape, seed=0):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pretrain.config import base_config
+from model_zoo import base_config
 from pretrain.errors import ConfigError
 from pretrain.scaling_rules import (HParams, apply, default_config, ema_momentum,
                                     reference_from_config, target_hparams, validate)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pretrain.config import base_config
+from model_zoo import base_config
 from pretrain.errors import ConfigError
 from pretrain.schedules import ScheduleSpec, describe, make_schedule, spec_from_config
 

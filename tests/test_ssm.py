@@ -155,7 +155,8 @@ VARIANTS = {'mamba1': dict(version=1), 'mamba2': dict(version=2),
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_recurrent_step_mode_equals_parallel_forward(variant):
-    model = FAMILY.build(_config(**VARIANTS[variant]), nnx.Rngs(0))
+    c = _config(**VARIANTS[variant])
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     tokens = _tokens((2, 11))   # 11 = 8 + 3: a ragged last chunk
     logits, stepped = _forward_and_steps(model, tokens)
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(logits), rtol=1e-4, atol=1e-5)
@@ -173,7 +174,7 @@ def _forward_and_steps(model, tokens_BL):
 
 def test_all_mamba1_scans_give_the_same_model():
     c = _config(version=1)
-    model = FAMILY.build(c, nnx.Rngs(0))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     tokens = _tokens((2, 11))
     ref = model(tokens)
     for name in ('sequential', 'associative'):
@@ -184,7 +185,8 @@ def test_all_mamba1_scans_give_the_same_model():
 
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_causality(variant):
-    model = FAMILY.build(_config(**VARIANTS[variant]), nnx.Rngs(0))
+    c = _config(**VARIANTS[variant])
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
     tokens = _tokens((2, 16))
     t = 9
     changed = tokens.at[:, t + 1:].set(_tokens((2, 16 - t - 1), seed=1))
@@ -231,10 +233,10 @@ def _check_log_uniform(dt, s):
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_parameters_carry_axes_and_roles(variant):
     c = _config(**VARIANTS[variant])
-    md = state_lib.model_def(FAMILY.build, c)
-    infos, shapes = jax.tree.leaves(md.info), jax.tree.leaves(md.shapes)
+    definition = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
+    infos, shapes = jax.tree.leaves(definition.info), jax.tree.leaves(definition.shapes)
     assert all(i.role in ROLES and len(i.axes) == len(s.shape) for i, s in zip(infos, shapes))
-    mixer = md.info['blocks'][0]['mixer']
+    mixer = definition.info['blocks'][0]['mixer']
     for name in ('A_log', 'D', 'dt_bias'):
         assert mixer[name].role == 'vector'   # no weight decay, no muP width scaling
         assert parametrization.Parametrization().wd_mult(mixer[name].role, 'coupled') == 0.0
@@ -246,16 +248,16 @@ def test_parameters_carry_axes_and_roles(variant):
 
 def test_validation_names_the_bad_key_and_what_is_allowed():
     with pytest.raises(ConfigError, match=r"model.ssm.scan='assoc'.*'associative'"):
-        config_lib.validate(_config(scan='assoc'), num_devices=8)
+        config_lib.validate(_config(scan='assoc'), FAMILY, num_devices=8)
     c = _config(expand=1)
     c.model.d_model = 30
     c.mesh.ici.update(data=2, tensor=4)
     with pytest.raises(ConfigError, match=r'd_inner.*30.*tensor axis size 4'):
-        config_lib.validate(c, num_devices=8)
+        config_lib.validate(c, FAMILY, num_devices=8)
     with pytest.raises(ConfigError, match=r'model.ssm.headdim=48 must divide d_inner.*64'):
-        config_lib.validate(_config(version=2, headdim=48), num_devices=8)
+        config_lib.validate(_config(version=2, headdim=48), FAMILY, num_devices=8)
     with pytest.raises(ConfigError, match=r'model.ssm.version=3'):
-        config_lib.validate(_config(version=3), num_devices=8)
+        config_lib.validate(_config(version=3), FAMILY, num_devices=8)
 
 
 def test_flops_grow_linearly_with_length_without_attention():
@@ -275,7 +277,7 @@ def _seq(c, n):
 
 def _losses(c, devices, steps=2):
     """Losses of `steps` updates on a fixed synthetic batch under the config's mesh."""
-    return fixed_batch_losses(FAMILY, c, devices, _tokens((8, 17), seed=3), steps)
+    return fixed_batch_losses(c, devices, _tokens((8, 17), seed=3), steps)
 
 
 def test_mamba2_sharded_training_matches_one_device():
@@ -284,7 +286,7 @@ def test_mamba2_sharded_training_matches_one_device():
     c.mesh.ici.update(data=1, fsdp=1, tensor=1, sequence=1)
     one = _losses(c, jax.devices()[:1])
     c.mesh.ici.update(data=2, fsdp=2, tensor=2)
-    config_lib.validate(c, num_devices=8)
+    config_lib.validate(c, FAMILY, num_devices=8)
     np.testing.assert_allclose(_losses(c, jax.devices()), one, rtol=2e-5, atol=2e-5)
     assert one[1] < one[0]
 
@@ -323,6 +325,6 @@ def test_tiny_config_loss_falls_on_the_embedded_corpus(tmp_path):
 def test_published_size_configs_validate_and_have_their_sizes(name, millions):
     import importlib
     c = importlib.import_module(f'configs.{name}').get_config()
-    config_lib.validate(c, num_devices=8)
-    n = state_lib.param_count(state_lib.model_def(FAMILY.build, c))
+    config_lib.validate(c, FAMILY, num_devices=8)
+    n = state_lib.param_count(state_lib.model_def(FAMILY.build, c, parametrization.from_config(c)))
     assert abs(n / 1e6 - millions) / millions < 0.1, n

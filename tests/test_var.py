@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_zoo import resize, var, var_sample, var_tokenizer
+from model_zoo import var, var_sample, var_tokenizer
+from pretrain.data import resize
 from pretrain import train
 from pretrain.errors import ConfigError
 from tests.helpers import losses, tiny_config, with_mesh

@@ -13,14 +13,14 @@ __all__ = ['TOKENIZERS', 'ImagePipeline', 'TextPipeline', 'check_data_config',
 
 
 def make_pipeline(cfg: Any, family: Any, **kwargs) -> TextPipeline | ImagePipeline:
-    """The pipeline `family.data` names, for the full config; kwargs as make_text_pipeline's."""
+    """The pipeline `family.data` names, for the full config; kwargs as make_text_pipeline's.
+
+    A family may add pipeline arguments of its own (`family.pipeline_options(cfg)`), e.g. an
+    image family's class count and frozen batch transform.
+    """
+    options = family.pipeline_options(cfg) if family.pipeline_options else {}
     if family.data == 'text':
-        return make_text_pipeline(cfg.data, **kwargs)
+        return make_text_pipeline(cfg.data, **options, **kwargs)
     if family.data == 'image':
-        if family.prepare is None:
-            return make_image_pipeline(cfg.data.image, **kwargs)
-        # A family with a frozen preprocessing stage is the class-conditional VAR stage 2: its
-        # class table must cover every label of the data.
-        return make_image_pipeline(cfg.data.image, num_classes=cfg.model.var.num_classes,
-                                   transform=family.prepare(cfg), **kwargs)
+        return make_image_pipeline(cfg.data.image, **options, **kwargs)
     raise ValueError(f'unknown data kind {family.data!r} of model.family={cfg.model.family!r}')

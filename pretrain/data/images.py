@@ -16,6 +16,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from pretrain.data import resize
 from pretrain.errors import ConfigError, check_choice
 from pretrain.registry import Registry
 
@@ -26,8 +27,6 @@ Batch = dict[str, np.ndarray]
 
 def resize_square(image_HWC: np.ndarray, size: int) -> np.ndarray:
     """Centre-crops to a square and resizes it: area when shrinking, bicubic when enlarging."""
-    from model_zoo import resize   # numpy matrices; imported late, model_zoo imports pretrain
-
     H, W = image_HWC.shape[:2]
     side = min(H, W)
     top, left = (H - side) // 2, (W - side) // 2

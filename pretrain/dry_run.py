@@ -1,0 +1,52 @@
+"""--dry_run: compile the train step for the configured mesh on abstract inputs and report its
+size, FLOPs and per-device memory. Nothing is materialised, no data is read, nothing is written.
+"""
+
+import time
+from typing import Any
+
+import jax
+
+from pretrain import setup as setup_lib
+
+
+def report(setup: setup_lib.Setup) -> dict[str, Any]:
+    """Compiles `setup`'s train step; returns (and on process 0 prints) its cost."""
+    with setup.activate():
+        start = time.perf_counter()
+        compiled = setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).compile()
+        compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+    result = {
+        'params': setup.param_count,
+        'flops_per_step': float(setup.flops_per_step),
+        'mesh': dict(setup.mesh.shape),
+        'compile_s': compile_s,
+        # Per device: the SPMD program is the same on every device.
+        'argument_bytes': int(memory.argument_size_in_bytes),
+        'output_bytes': int(memory.output_size_in_bytes),
+        'alias_bytes': int(memory.alias_size_in_bytes),   # outputs written over donated inputs
+        'temp_bytes': int(memory.temp_size_in_bytes),
+        'xla_flops_per_device': float(cost.get('flops', float('nan'))),
+    }
+    result['total_bytes'] = (result['argument_bytes'] + result['output_bytes']
+                             - result['alias_bytes'] + result['temp_bytes'])
+    if jax.process_index() == 0:
+        print(describe(setup.cfg.model.family, result), flush=True)
+    return result
+
+
+def describe(family_name: str, result: dict[str, Any]) -> str:
+    def gib(size: int) -> str:
+        return f'{size / 2**30:.3f} GiB'
+
+    return (f'dry run: {family_name}, {result["params"]:,} params, mesh {result["mesh"]}, '
+            f'compiled in {result["compile_s"]:.1f}s\n'
+            f'  FLOPs per step (model): {result["flops_per_step"]:.4g}; XLA cost analysis: '
+            f'{result["xla_flops_per_device"]:.4g} per device\n'
+            f'  memory per device: arguments {gib(result["argument_bytes"])}, outputs '
+            f'{gib(result["output_bytes"])} (aliased to donated arguments '
+            f'{gib(result["alias_bytes"])}), temporaries {gib(result["temp_bytes"])}; '
+            f'total {gib(result["total_bytes"])}')

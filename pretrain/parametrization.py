@@ -5,14 +5,17 @@ Rules for Adam (Tensor Programs V; depth-muP with exponent alpha on top, alpha =
 depth-muP, 1 for CompleteP). sigma is the init the model builds (model.init_std, or the
 fan-in init of a `hidden_fan_in` matrix):
 
-| role            | init            | forward multiplier  | LR                    | Adam eps          |
-|-----------------|-----------------|---------------------|-----------------------|-------------------|
-| embedding       | sigma           | input_mult          | eta                   | eps / m           |
-| hidden          | sigma / sqrt(m) | branch x m_L^-alpha | eta / m * m_L^(a-1)   | eps / m (* m_L^-a)|
-| hidden_fan_in   | sigma (as built)| branch x m_L^-alpha | eta / m * m_L^(a-1)   | eps / m (* m_L^-a)|
-| hidden_to_fixed | sigma / m       | -                   | eta / m * m_L^(a-1)   | eps (* m_L^-a)    |
-| readout         | sigma or 0      | output_mult / m     | eta                   | eps / m           |
-| vector          | (as built)      | -                   | eta (* m_L^(a-1) in blocks) | eps / m (* m_L^-a) |
+| role            | init          | forward mult    | LR                          | Adam eps       |
+|-----------------|---------------|-----------------|-----------------------------|----------------|
+| embedding       | sigma         | input_mult      | eta                         | eps/m          |
+| hidden          | sigma/sqrt(m) | branch x m_L^-a | eta/m * m_L^(a-1)           | eps/m * m_L^-a |
+| hidden_fan_in   | as built      | branch x m_L^-a | eta/m * m_L^(a-1)           | eps/m * m_L^-a |
+| hidden_to_fixed | sigma/m       | -               | eta/m * m_L^(a-1)           | eps * m_L^-a   |
+| readout         | sigma or 0    | output_mult/m   | eta                         | eps/m          |
+| vector          | as built      | -               | eta (* m_L^(a-1) in blocks) | eps/m * m_L^-a |
+
+a = alpha; the m_L factors apply under depth-muP only, and eps's m_L^-a only to parameters
+inside the residual blocks.
 
 - hidden_fan_in: a wide-to-wide matrix whose built init already scales as 1/sqrt(fan_in)
   (Mamba's dt projection, U(+-R^-0.5)); multiplying by 1/sqrt(m) again would shrink it twice.
@@ -91,7 +94,8 @@ class Parametrization:
     zero_readout: bool = False
     zero_query: bool = False     # attention query projections start at 0 (uniform attention)
     scale_eps: bool = True       # Adam eps follows each role's gradient size (table above)
-    base_head_dim: float = 0.0   # d_head of the base model; 0 = this head dim / m (heads fixed)
+    base_head_dim: float = 0.0   # d_head of the base model; 0 = this head dim / m, which is
+                                 # base_width / n_heads with the head count held fixed
 
     @property
     def mup(self) -> bool:
@@ -182,25 +186,16 @@ def from_config(cfg) -> Parametrization:
                            depth_alpha=p.depth_alpha, input_mult=p.input_mult,
                            output_mult=p.output_mult, zero_readout=p.zero_readout,
                            zero_query=p.zero_query, scale_eps=p.scale_eps,
-                           base_head_dim=_base_head_dim(cfg, base_width))
+                           base_head_dim=_base_head_dim(cfg))
 
 
-def _base_head_dim(cfg, base_width: int) -> float:
-    """parametrization.base_head_dim, or base_width / model.n_heads when it is 0."""
+def _base_head_dim(cfg) -> float:
+    """parametrization.base_head_dim (0: attn_logit_scale derives base_width / n_heads)."""
     given = cfg.parametrization.base_head_dim
     if not isinstance(given, int) or isinstance(given, bool) or given < 0:
         raise ConfigError(f'parametrization.base_head_dim={given!r} must be an integer >= 0 '
                           '(0 = base_width / model.n_heads: the head count held fixed)')
-    if given:
-        return float(given)
-    heads = cfg.model.get('n_heads', 0)
-    if cfg.parametrization.name == 'sp' or not heads:
-        return 0.0
-    if base_width % heads:
-        raise ConfigError(f'parametrization.base_width={base_width} is not divisible by '
-                          f'model.n_heads={heads}, so the base head dim is unknown: set '
-                          'parametrization.base_head_dim')
-    return float(base_width // heads)
+    return float(given)
 
 
 def _in_block(path) -> bool:

@@ -5,6 +5,8 @@ SP, muP and depth-muP share one chain. Weight-decay modes (lambda = optim.weight
 - 'coupled' (optax.adamw):   p -= eta_t * lr_i * (adam + lambda * p)
 - 'mup_scaled':              as coupled with lambda * m for hidden matrices (eta/m * lambda*m)
 - 'independent':             p -= eta_t * lr_i * adam + lambda * (eta_t / eta_peak) * p
+- 'auto':                    'coupled' under SP; under muP 'independent' with lambda replaced by
+                             eta_peak * lambda (see pretrain/parametrization.py)
 Vector-like parameters (norm gains, biases) get no weight decay.
 """
 
@@ -63,17 +65,26 @@ def _adam(optim_cfg, info, p13n) -> optax.GradientTransformation:
     eps * c for one parameter is the same as scaling its gradient by 1/c before one shared
     Adam; that keeps a single optimizer state (and multiplying by 1.0 is exact).
     """
-    grad_scale = p13n_lib.per_param(info, lambda role, _: 1.0 / p13n.eps_mult(role))
+    grad_scale = p13n_lib.per_param(info, lambda role, in_block: 1.0 / p13n.eps_mult(role, in_block))
     adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
     if all(s == 1.0 for s in jax.tree.leaves(grad_scale)):
         return adam
     return optax.chain(scale_by_tree(grad_scale), adam)
 
 
+def decay_mode_and_rate(optim_cfg, p13n: p13n_lib.Parametrization) -> tuple[str, float]:
+    """(the mode applied, lambda in that mode's units), with 'auto' resolved."""
+    mode = p13n.weight_decay_mode(optim_cfg.weight_decay_mode)
+    if optim_cfg.weight_decay_mode == 'auto' and mode == 'independent':
+        # Torch-style lambda -> the fraction coupled decay removes per step at the base width.
+        return mode, optim_cfg.lr * optim_cfg.weight_decay
+    return mode, optim_cfg.weight_decay
+
+
 def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
                    p13n: p13n_lib.Parametrization) -> optax.GradientTransformation:
     """The full chain; `info` is the ParamInfo tree, `p13n` the run's parametrization."""
-    weight_decay, mode = optim_cfg.weight_decay, optim_cfg.weight_decay_mode
+    mode, weight_decay = decay_mode_and_rate(optim_cfg, p13n)
     lr_mults = p13n_lib.per_param(info, p13n.lr_mult)
     decay = p13n_lib.per_param(info, lambda role, _: weight_decay * p13n.wd_mult(role, mode))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
@@ -94,7 +105,7 @@ def _group(role: str, in_block: bool) -> str:
 
 def applied_rates(optim_cfg, schedule: optax.Schedule, info, p13n: p13n_lib.Parametrization):
     """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
-    weight_decay, mode = optim_cfg.weight_decay, optim_cfg.weight_decay_mode
+    mode, weight_decay = decay_mode_and_rate(optim_cfg, p13n)
     groups = {}
     for (role, in_block) in set(jax.tree.leaves(p13n_lib.per_param(info, lambda r, b: (r, b)),
                                                 is_leaf=lambda x: isinstance(x, tuple))):

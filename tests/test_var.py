@@ -236,7 +236,7 @@ def test_bad_tokenizer_config_fails_with_a_clear_message(change, message, tmp_pa
 
 def test_missing_or_mismatched_tokenizer_checkpoint(tokenizer_run, tmp_path):
     missing = str(tmp_path / 'nowhere')
-    with pytest.raises(ConfigError, match=f'tokenizer_dir=.*nowhere.*no tokenizer checkpoint'):
+    with pytest.raises(ConfigError, match='tokenizer_dir=.*nowhere.*no tokenizer checkpoint'):
         train.run(var_config(missing, steps=3), str(tmp_path / 'run'))
     c = var_config(tokenizer_run[0], steps=3)
     c.model.var.codebook_size = 64

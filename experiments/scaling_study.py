@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from pretrain import fit, sweep
+from pretrain.study import fit, laws, plots, results, runner
 
 SWEEP = 'configs/sweeps/scaling_tiny.py'
 DOCS = 'docs'
 OUT = os.path.join(DOCS, 'scaling_study')
 
 
-def plot_loss_vs_tokens(rows: list[dict[str, Any]], law: fit.Chinchilla, path: str) -> None:
+def plot_loss_vs_tokens(rows: list[dict[str, Any]], law: laws.Chinchilla, path: str) -> None:
     """Cooldown end points per width against the fitted law; the held-out width dashed."""
-    plt = fit._pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ends = [r for r in rows if r['kind'] != 'parent']
     for i, width in enumerate(sorted({r['width'] for r in ends})):
@@ -100,17 +100,6 @@ def write_md(rows: list[dict[str, Any]], fits: dict[str, Any], path: str, wall_s
             lines.append(f'| {e["name"]} | {e["measured"]:.4f} | {fmt("chinchilla")} | '
                          f'{fmt("power_law")} |')
         lines += ['', 'In brackets: predicted minus measured (nats/token).']
-    if 'annealing' in fits:
-        lines += ['', '## LR-annealing law per width (fitted on the constant run and the first '
-                  'cooldowns, predicting the last one)', '',
-                  '| N | L0 | A | alpha | C | held-out curve RMSE | RMSE on the fitted curves |',
-                  '|---|---|---|---|---|---|---|']
-        for key, e in fits['annealing'].items():
-            law = e['law']
-            h = e.get('heldout', {})
-            lines.append(f'| {float(key):,.0f} | {law["L0"]:.3f} | {law["A"]:.3f} | '
-                         f'{law["alpha"]:.3f} | {law["C"]:.3f} | {h.get("rmse", float("nan")):.4f} | '
-                         f'{h.get("fit_rmse", float("nan")):.4f} |')
     lines += ['', '![loss vs tokens per width with the fitted law](scaling_study/loss_vs_tokens.png)',
               '', '![fit plots](scaling_study/power_law.png)', '',
               '![annealing law](scaling_study/annealing.png)', '', '## Discussion', '',
@@ -164,7 +153,7 @@ def main() -> None:
     p.add_argument('--parallel', type=int, default=1)
     p.add_argument('--bootstrap', type=int, default=200)
     args = p.parse_args()
-    code = sweep.main([f'--sweep={SWEEP}', f'--workdir={args.workdir}', f'--parallel={args.parallel}'])
+    code = runner.run_sweep(runner.SweepOptions(SWEEP, args.workdir, parallel=args.parallel))
     if code:
         raise SystemExit(code)
     fits = fit.run(args.workdir, n_boot=args.bootstrap)
@@ -172,9 +161,9 @@ def main() -> None:
     for name in ['results.jsonl', 'fits.json', 'fit_summary.md'] + [os.path.basename(f)
                                                                     for f in fits['files']]:
         shutil.copy(os.path.join(args.workdir, name), os.path.join(OUT, name))
-    rows = fit.load_results(args.workdir)
+    rows = results.load_results(args.workdir)
     if 'chinchilla' in fits:
-        law = fit.Chinchilla(*(fits['chinchilla'][k] for k in ('E', 'A', 'B', 'alpha', 'beta')))
+        law = laws.Chinchilla(*(fits['chinchilla'][k] for k in ('E', 'A', 'B', 'alpha', 'beta')))
         plot_loss_vs_tokens(rows, law, os.path.join(OUT, 'loss_vs_tokens.png'))
     wall = sum(r.get('wall_s', 0.0) for r in rows)
     write_md(rows, json.loads(json.dumps(fits)), os.path.join(DOCS, 'scaling_study.md'), wall)

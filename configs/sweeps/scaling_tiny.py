@@ -9,7 +9,7 @@ checkpoints to end at 150, 300 and 600 steps. The LR is muP-transferred: tuned o
 other widths predict its losses.
 """
 
-from pretrain.sweep import Cooldowns, Sweep, zipped
+from pretrain.study.sweep import Cooldowns, Sweep, zipped
 
 WIDTHS = [32, 48, 64, 96, 128]
 HELD_OUT = [256]

@@ -1,0 +1,1 @@
+"""Offline study tools: sweeps, executors, scaling-law fits, plots and reports."""

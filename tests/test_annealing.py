@@ -81,16 +81,27 @@ def test_unphysical_truth_ends_on_a_reported_bound(truth, bound):
     assert annealing.ALPHA_RANGE[0] <= got.alpha <= annealing.ALPHA_RANGE[1]
 
 
+def test_choosing_lam_finds_the_generating_one():
+    truth = AnnealingLaw(L0=2.5, A=0.8, alpha=0.5, C=30.0, lam=0.99)
+    sched = schedules()
+    curves = [dense(sched[k], annealing.predict_annealing(truth, sched[k])) for k in ('constant', 'wsd')]
+    got = annealing.fit_annealing_choosing_lam(curves, lams=(0.9, 0.99, 0.999))
+    assert got.lam == 0.99 and got.C == pytest.approx(30.0, rel=1e-3)
+    assert annealing.squared_error(got, curves) < 1e-12
+
+
 def test_noise_floor_by_hand():
-    # Exactly quadratic points: nothing scatters around a smooth curve.
-    steps = np.arange(10, 60, 10)
-    assert annealing.noise_floor(steps, 3.0 - 1e-3 * steps + 1e-6 * steps ** 2) < 1e-9
-    # +d, -d, +d, -d, +d around a constant: the least-squares quadratic is -13d/35 + (2d/7) u^2
-    # (u = -2..2), residuals 8d/35, -32d/35, 48d/35, -32d/35, 8d/35: sqrt(SSE / 2) = d sqrt(64/35).
+    # A straight fall has no scatter around its local trend; neither has a constant.
+    assert annealing.noise_floor(3.0 - 1e-3 * np.arange(10, 60, 10)) == pytest.approx(0.0, abs=1e-12)
+    # +d, -d, +d, -d, +d: every second difference is +-4d, so sqrt(16 d^2 / 6) = d sqrt(8/3).
     d = 0.01
     signs = np.array([1, -1, 1, -1, 1])
-    assert annealing.noise_floor(steps, 2.0 + d * signs) == pytest.approx(d * math.sqrt(64 / 35))
-    assert math.isnan(annealing.noise_floor(steps[:4], np.ones(4)))
+    assert annealing.noise_floor(2.0 + d * signs) == pytest.approx(d * math.sqrt(8 / 3))
+    # Independent noise of std 0.02 on a smooth decay: the floor estimates 0.02.
+    rng = np.random.default_rng(0)
+    y = 2.0 + np.exp(-np.arange(2000) / 500) + rng.normal(0.0, 0.02, 2000)
+    assert annealing.noise_floor(y) == pytest.approx(0.02, rel=0.05)
+    assert math.isnan(annealing.noise_floor(np.ones(4)))
 
 
 def test_score_uses_only_points_after_the_branch():

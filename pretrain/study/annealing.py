@@ -10,7 +10,7 @@ the loss curve of other schedules. Three rules keep that check honest:
   one of these bounds says so (`AnnealingLaw.at_bounds`), since its values are then not
   estimates of the law's constants;
 - every error comes with a noise floor (`noise_floor`): how far the measured points scatter
-  around a smooth curve through themselves, below which no prediction can be judged.
+  around their own local trend, below which no prediction can be judged.
 """
 
 import dataclasses
@@ -28,9 +28,9 @@ from pretrain.study.laws import ArrayLike
 # A fit that ends on an edge is reported as bound-limited, not as a measurement of alpha.
 ALPHA_RANGE = (0.05, 0.8)
 NOISE_FLOOR_DEFINITION = (
-    'RMS residual of a least-squares quadratic in step fitted to the scored points themselves, '
-    'sqrt(SSE / (n - 3)): the scatter of the measured loss around a smooth curve, which no '
-    'smooth prediction can undercut')
+    'the scatter of the measured loss around its local trend, from second differences of '
+    'neighbouring points: sqrt(mean((y[i-1] - 2 y[i] + y[i+1])^2) / 6), the standard deviation '
+    'of independent noise on a trend that is straight over three points')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,15 +171,36 @@ def fit_annealing(curves: Sequence[Curve], lam: float = 0.999, min_step: int | N
                         skip_warmup=skip_warmup, at_bounds=tuple(at_bounds))
 
 
-def noise_floor(steps: ArrayLike, losses: ArrayLike) -> float:
-    """See NOISE_FLOOR_DEFINITION; NaN with fewer than 5 points (too few to tell)."""
-    x = np.asarray(steps, dtype=float)
+def squared_error(law: AnnealingLaw, curves: Sequence[Curve], min_step: int | None = None) -> float:
+    """Sum over the usable points of `curves` of (predicted - measured)^2."""
+    total = 0.0
+    for c in curves:
+        keep = _usable(c, min_step)
+        steps = np.asarray(c.steps, dtype=int)[keep]
+        error = predict_annealing(law, c.lrs)[steps - 1] - np.asarray(c.losses, dtype=float)[keep]
+        total += float(error @ error)
+    return total
+
+
+def fit_annealing_choosing_lam(curves: Sequence[Curve], lams: Sequence[float],
+                               min_step: int | None = None, **kwargs) -> AnnealingLaw:
+    """`fit_annealing` once per momentum decay in `lams`; the law with the lowest squared error
+    on the fitted curves wins (the choice sees nothing the fit did not see)."""
+    fits = [fit_annealing(curves, lam=lam, min_step=min_step, **kwargs) for lam in lams]
+    return min(fits, key=lambda law: squared_error(law, curves, min_step))
+
+
+def noise_floor(losses: ArrayLike) -> float:
+    """See NOISE_FLOOR_DEFINITION (points evenly spaced in step); NaN with fewer than 5 points.
+
+    Second differences cancel any trend that is linear over three points, so a curve that
+    falls steadily adds nothing; Var(y[i-1] - 2 y[i] + y[i+1]) = 6 sigma^2 for independent noise.
+    """
     y = np.asarray(losses, dtype=float)
     if len(y) < 5:
         return math.nan
-    x = (x - x.mean()) / (x.std() or 1.0)
-    residual = y - np.polyval(np.polyfit(x, y, 2), x)
-    return float(np.sqrt(residual @ residual / (len(y) - 3)))
+    second = y[:-2] - 2.0 * y[1:-1] + y[2:]
+    return float(np.sqrt(np.mean(second ** 2) / 6.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,4 +231,4 @@ def score(law: AnnealingLaw, curve: Curve, min_step: int | None = None) -> Score
                  mean_error=float(error.mean()), final_measured=float(measured[-1]),
                  final_error=float(error[-1]),
                  final_error_pct=float(100.0 * error[-1] / measured[-1]),
-                 noise_floor=noise_floor(steps, measured))
+                 noise_floor=noise_floor(measured))

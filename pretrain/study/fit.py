@@ -223,7 +223,7 @@ def _fit_lr(rows, out, n_boot, files):
     return result
 
 
-def _annealing_groups(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+def annealing_groups(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     """One group per model and seed: a constant-LR parent with the cooldowns branched from it;
     rows without lineage are grouped by size (params, else width) and seed."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -252,9 +252,11 @@ def _annealing_curve(row: Mapping[str, Any], use_eval: bool,
     return annealing.Curve(lrs, steps, losses, name=str(row.get('name', '')), seen_until=seen_until)
 
 
-def _fit_annealing_group(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def fit_annealing_group(group: Sequence[Mapping[str, Any]],
+                        lams: Sequence[float] = (0.999,)) -> dict[str, Any]:
     """Fits the law on the group's fitted curves and scores it on the held-out ones (or, with
-    none held out, on the last curve left out of the fit), on unseen points only."""
+    none held out, on the last curve left out of the fit), on unseen points only. With several
+    `lams`, the momentum decay is chosen by the error on the fitted curves."""
     fitted = [r for r in group if not r.get('heldout')]
     predicted = [r for r in group if r.get('heldout')]
     if not predicted and len(fitted) >= 2:
@@ -271,7 +273,7 @@ def _fit_annealing_group(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return int(r.get('branch_step') or 0) if r.get('parent') in names else 0
 
     fit_curves = [_annealing_curve(r, use_eval, seen(r)) for r in fitted]
-    law = annealing.fit_annealing(fit_curves)
+    law = annealing.fit_annealing_choosing_lam(fit_curves, lams)
     return {
         'law': dataclasses.asdict(law), 'loss_source': 'held-out eval loss' if use_eval else
         'training loss (one batch per step: noisy; log evals often to fit on held-out loss)',
@@ -284,7 +286,7 @@ def _fit_annealing_group(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _fit_annealing(rows, out, n_boot, files):
-    """The LR-annealing law per group (`_annealing_groups`); rows include the held-out runs."""
+    """The LR-annealing law per group (`annealing_groups`); rows include the held-out runs."""
     del n_boot
     rows = [r for r in rows if r.get('curve')]
     if not rows:
@@ -292,9 +294,9 @@ def _fit_annealing(rows, out, n_boot, files):
     result: dict[str, Any] = {'noise_floor_definition': annealing.NOISE_FLOOR_DEFINITION,
                               'alpha_range': list(annealing.ALPHA_RANGE), 'groups': {}}
     series = []
-    for key, group in _annealing_groups(rows).items():
+    for key, group in annealing_groups(rows).items():
         try:
-            entry = _fit_annealing_group(group)
+            entry = fit_annealing_group(group)
         except ValueError as e:
             result['groups'][key] = {'error': str(e)}
             continue

@@ -9,7 +9,7 @@ checkpoints, all ending at step 600: 20% linear (fitted with the constant run), 
 logged every 5 steps and the LR every step, so the law is fitted on eval loss with exact areas.
 """
 
-from configs.sweeps.scaling_tiny import shape   # heads of 16 dims, a 3x MLP
+from configs.sweeps.scaling_tiny import SETUP, shape   # the same model, muP and LR
 from pretrain.study.sweep import Cooldowns, Sweep, product
 
 WIDTHS = [32, 64]
@@ -22,14 +22,7 @@ def get_sweep() -> Sweep:
         base='configs/lm_tiny.py',
         points=product({'model.d_model': WIDTHS}, {'seed': SEEDS}),
         derive=shape,
-        fixed={
-            'model.n_layers': 2,
-            'parametrization.name': 'mup', 'parametrization.base_width': 64,
-            'parametrization.output_mult': 4.0, 'optim.lr': 3e-3,
-            'schedule.warmup_steps': 50,
-            'train.log_every': 1, 'train.eval_every': 5, 'train.eval_batches': 4,
-            'metrics.tensorboard': False, 'metrics.peak_flops_per_device': 1e12,
-        },
+        fixed={**SETUP, 'train.log_every': 1, 'train.eval_every': 5, 'train.eval_batches': 4},
         cooldowns=[
             Cooldowns(budgets=[STEPS], fraction=0.2, shape='linear'),
             Cooldowns(budgets=[STEPS], fraction=0.1, shape='linear', heldout=True),

@@ -138,12 +138,19 @@ def plot_predictions(fits: dict[str, Any], rows: Sequence[dict[str, Any]], path:
     plt.close(fig)
 
 
+def _round(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value   # 'inf' strings stay
+
+
 def slim_copy(src: str, dst: str) -> None:
-    """results.jsonl without each run's full config (its overrides stay): a smaller commit."""
+    """results.jsonl for the docs: without each run's full config (its overrides stay), losses
+    to 1e-6 nats and LRs to 8 significant digits (far below the noise; a smaller commit)."""
     with open(src) as f, open(dst, 'w') as out:
         for line in f:
             row = json.loads(line)
             row.pop('config', None)
+            row['curve'] = [[s, _round(loss), float(f'{lr:.8g}')] for s, loss, lr in row['curve']]
+            row['evals'] = [{k: _round(v) for k, v in e.items()} for e in row['evals']]
             out.write(json.dumps(row) + '\n')
 
 

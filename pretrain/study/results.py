@@ -83,8 +83,10 @@ def run_once(cfg: ml_collections.ConfigDict, run_path: str, *,
             return row
         shutil.rmtree(run_path)    # a summary of an older format: train it again
     row = train_and_record(cfg, run_path)
-    if row is None:
-        raise SystemExit(f'{run_path}: preempted; run the same command again to resume')
+    if row is None:   # the exit code a scheduler requeues on; the next start resumes the run
+        from pretrain.preemption import EXIT_PREEMPTED
+        print(f'{run_path}: preempted; run the same command again to resume', flush=True)
+        raise SystemExit(EXIT_PREEMPTED)
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(run_path, 'checkpoints'), ignore_errors=True)
     loss = row['final_loss']

@@ -223,3 +223,12 @@ def test_frontier_without_shared_budgets_is_the_pareto_front():
     # Two runs that happen to round to one budget do not make the budgets shared.
     rows.append({'flops': 1.01e15, 'final_loss': 4.1})
     assert fit._frontier(rows)[0].tolist() == [1e15, 4.3e15, 1.9e16, 4.1e16]
+
+
+def test_jsonable_is_strict_json():
+    from pretrain.jsonable import jsonable
+    value = {1: np.float32(1.5), 'x': (math.inf, -math.inf, math.nan, np.int64(3), np.bool_(True)),
+             'a': np.array([0.25, math.nan])}
+    out = jsonable(value)
+    assert out == {'1': 1.5, 'x': ['inf', '-inf', 'nan', 3, True], 'a': [0.25, 'nan']}
+    assert json.loads(json.dumps(out, allow_nan=False)) == out

@@ -292,3 +292,17 @@ def test_preemption_exit_code_is_the_trainers(tmp_path):
     assert executors._outcome(1, str(tmp_path), 'a').startswith('failed (exit code 1')
     assert runner.report({'a': 'done', 'b': 'preempted'}, 1, str(tmp_path)) == code
     assert runner.report({'a': 'done', 'b': 'skipped'}, 2, str(tmp_path)) == 0
+
+
+def test_run_once_records_then_reuses(base, tmp_path, monkeypatch):
+    """The experiments' path: train once, write result.json, return it again without training."""
+    tiny = {'train.steps': 4, 'model.d_model': 16, 'model.n_heads': 2, 'model.n_kv_heads': 2,
+            'model.d_ff': 32}
+    cfg = sweep.run_config(Sweep(base=base), Run('x', {}, tiny), str(tmp_path))
+    path = str(tmp_path / 'x')
+    row = results.run_once(cfg, path)
+    assert row['status'] == 'done' and row['steps'] == 4 and row['final_loss_source'] == 'eval'
+    assert row['final_loss'] == row['evals'][-1]['loss'] and row['curve'][-1][0] == 4
+    assert not os.path.exists(os.path.join(path, 'checkpoints'))   # not kept unless asked
+    monkeypatch.setattr(train, 'run', lambda *a, **k: pytest.fail('trained again'))
+    assert results.run_once(cfg, path) == results.read_result(path)

@@ -24,6 +24,8 @@ import numpy as np
 
 from experiments import common
 import model_zoo
+from pretrain.jsonable import jsonable
+from pretrain.study import results as results_lib
 from pretrain import config as config_lib
 
 DOCS = 'docs'
@@ -97,13 +99,13 @@ def search(width: int, guess: int, side: int, steps: int, overrides: dict[str, A
 
     def run(k: int) -> None:
         if k not in results:
-            results[k] = common.run_one(make_config(width, k, steps, overrides),
-                                        os.path.join(workdir, f'lr{k:+d}'))
+            results[k] = results_lib.run_once(make_config(width, k, steps, overrides),
+                                              os.path.join(workdir, f'lr{k:+d}'))
 
     for k in range(guess - side, guess + side + 1):
         run(k)
     while len(results) < MAX_POINTS:
-        loss = {k: r['eval_loss'] for k, r in results.items()}
+        loss = {k: r['final_loss'] for k, r in results.items()}
         finite = [k for k in loss if math.isfinite(loss[k])]
         if not finite:   # everything diverged: go lower
             run(min(results) - 1)
@@ -138,13 +140,13 @@ def sweep(name: str, overrides: dict[str, Any], widths: list[int], steps: int, f
         same_as_sp = width == BASE_WIDTH and overrides == MAIN['mup']
         res = search(width, guess, side, steps, overrides,
                      os.path.join(runs, 'sp' if same_as_sp else name, f'w{width}'))
-        fit = fit_optimum({k: r['eval_loss'] for k, r in res.items()})
+        fit = fit_optimum({k: r['final_loss'] for k, r in res.items()})
         optima.append(2 * fit['log2_lr'] if math.isfinite(fit['log2_lr']) else guess)
         out[str(width)] = {
             'optimum': fit,
             'reused': same_as_sp,   # the SP runs: not counted twice in the compute totals
-            'points': [{'k': k, 'lr': 2.0 ** (k / 2), 'log2_lr': k / 2, 'eval_loss': r['eval_loss'],
-                        'train_loss': r['train_loss'], 'diverged': r['diverged'],
+            'points': [{'k': k, 'lr': 2.0 ** (k / 2), 'log2_lr': k / 2, 'eval_loss': r['final_loss'],
+                        'train_loss': r['final_train_loss'], 'diverged': r['status'] == 'diverged',
                         'wall_s': r['wall_s'], 'step_time_s': r['step_time_s']}
                        for k, r in res.items()],
         }
@@ -359,7 +361,7 @@ def main() -> None:
         if v != p.get_default(k) and k != 'runs')
     os.makedirs(DOCS, exist_ok=True)
     with open(os.path.join(DOCS, 'mutransfer.json'), 'w') as f:
-        json.dump(common.jsonable(out), f, indent=1, allow_nan=False)
+        json.dump(jsonable(out), f, indent=1, allow_nan=False)
     plot(out, os.path.join(DOCS, 'mutransfer.png'))
     write_md(out, os.path.join(DOCS, 'mutransfer.md'), command, DISCUSSION)
     for n, v in variants.items():

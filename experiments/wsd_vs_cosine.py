@@ -21,6 +21,8 @@ import numpy as np
 
 from configs import lm_tiny
 from experiments import common
+from pretrain.jsonable import jsonable
+from pretrain.study import results as results_lib
 
 DOCS = 'docs'
 WARMUP = 50
@@ -51,13 +53,14 @@ def run_family(budgets: list[int], runs: str, lr: float) -> dict[str, Any]:
     const.checkpoint.update(every_steps=min(branch.values()), keep_last=len(budgets) + 2)
     assert all(s % const.checkpoint.every_steps == 0 for s in branch.values()), branch
     const_dir = os.path.join(runs, f'constant_{longest}')
-    constant = common.run_one(const, const_dir, keep_checkpoints=True)
+    constant = results_lib.run_once(const, const_dir, keep_checkpoints=True)
     wsd, cosine = {}, {}
     for b in budgets:
         c = _config(b, lr, kind='wsd', decay_steps=decay[b], decay_shape='1-sqrt',
                     branch_from=f'{const_dir}@{branch[b]}')
-        wsd[b] = common.run_one(c, os.path.join(runs, f'wsd_{b}'))
-        cosine[b] = common.run_one(_config(b, lr, kind='cosine'), os.path.join(runs, f'cosine_{b}'))
+        wsd[b] = results_lib.run_once(c, os.path.join(runs, f'wsd_{b}'))
+        cosine[b] = results_lib.run_once(_config(b, lr, kind='cosine'),
+                                        os.path.join(runs, f'cosine_{b}'))
     const_eval = {e['step']: e for e in constant['evals']}
     rows = [{'budget': b, 'branch_step': branch[b], 'decay_steps': decay[b],
              'wsd': _summary(wsd[b]), 'cosine': _summary(cosine[b]),
@@ -83,9 +86,9 @@ def run_all(budgets: list[int], runs: str, lrs: list[float]) -> dict[str, Any]:
         'results': main['rows'],
         'lr_check': [{'peak_lr': lr, **r} for lr, fam in [(lrs[0], main), *checks.items()]
                      for r in fam['rows']],
-        'curves': {'constant': constant['curve'],
-                   **{f'wsd_{b}': wsd[b]['curve'] for b in budgets},
-                   **{f'cosine_{b}': cosine[b]['curve'] for b in budgets}},
+        'curves': {'constant': _curve(constant),
+                   **{f'wsd_{b}': _curve(wsd[b]) for b in budgets},
+                   **{f'cosine_{b}': _curve(cosine[b]) for b in budgets}},
         'constant_evals': constant['evals'],
         'wall_s': walls,
         'steps_trained': main['steps_trained'],
@@ -93,7 +96,12 @@ def run_all(budgets: list[int], runs: str, lrs: list[float]) -> dict[str, Any]:
 
 
 def _summary(r: dict[str, Any]) -> dict[str, float]:
-    return {k: r[k] for k in ('train_loss', 'eval_loss', 'eval_bits_per_byte')}
+    return {'train_loss': r['final_train_loss'], 'eval_loss': r['final_loss'],
+            'eval_bits_per_byte': r['final_bits_per_byte']}
+
+
+def _curve(r: dict[str, Any]) -> list[dict[str, float]]:
+    return [{'step': s, 'loss': loss, 'lr': lr} for s, loss, lr in r['curve']]
 
 
 def _smooth(ys: list[float], k: int = 5) -> list[float]:
@@ -243,7 +251,7 @@ def main() -> None:
         f' --{k}={v}' for k, v in vars(args).items() if v != p.get_default(k))
     os.makedirs(DOCS, exist_ok=True)
     with open(os.path.join(DOCS, 'wsd_vs_cosine.json'), 'w') as f:
-        json.dump(common.jsonable(out), f, indent=1, allow_nan=False)
+        json.dump(jsonable(out), f, indent=1, allow_nan=False)
     plot(out, os.path.join(DOCS, 'wsd_vs_cosine.png'))
     write_md(out, os.path.join(DOCS, 'wsd_vs_cosine.md'), command)
     print('\n'.join(open(os.path.join(DOCS, 'wsd_vs_cosine.md')).read().splitlines()[6:12]))

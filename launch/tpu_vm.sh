@@ -8,6 +8,9 @@
 # --distributed=tpu: JAX reads the worker id, the worker count and the coordinator (worker 0)
 # from the TPU metadata server, so no address is passed.
 #
+# MODULE=pretrain.sweep runs `python -m pretrain.sweep ARGS` instead (no --distributed): the
+# launch script of `python -m pretrain.sweep --executor=tpu` gives each TPU VM one shard.
+#
 # Placeholders: TPU_NAME, ZONE, PROJECT (default: gcloud's configured project), REPO_URL and
 # REPO_DIR below (where the code is cloned on each host).
 set -euo pipefail
@@ -26,6 +29,9 @@ REPO_DIR=${REPO_DIR:-pretrain}                                 # EDIT: checkout 
 
 # Quote the training arguments once, for the remote shell.
 TRAIN_ARGS=$(printf ' %q' "$@")
+MODULE=${MODULE:-pretrain.train}
+DISTRIBUTED=''
+if [ "$MODULE" = pretrain.train ]; then DISTRIBUTED=' --distributed=tpu'; fi
 
 # The same command runs on every worker: fetch the code (first time), install it with the TPU
 # build of JAX, and train. All workers must start; a missing one makes the others stop after
@@ -37,7 +43,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install --quiet -e . 'jax[tpu]'
 fi
-exec .venv/bin/python -m pretrain.train --distributed=tpu$TRAIN_ARGS"
+exec .venv/bin/python -m $MODULE$DISTRIBUTED$TRAIN_ARGS"
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
   --worker=all --command="$REMOTE"

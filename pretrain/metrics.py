@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from pretrain.jsonable import jsonable
+
 # Dense (no sparsity) bf16 peak FLOP/s per *JAX device*, keyed by a lowercase substring of
 # `device.device_kind`. Lookup takes the first key found in the kind, so a key that is a
 # substring of another (e.g. 'tpu v5' of 'tpu v5 lite', 'a10' of 'a100', 'l4' of 'l40s') must
@@ -256,14 +258,6 @@ def _to_python(name: str, value: Any) -> float | int | bool:
     raise TypeError(f'Metric {name!r} has unsupported type {type(value).__name__}.')
 
 
-def _to_json(value: float | int | bool) -> float | int | bool | str:
-    # JSON has no NaN/Infinity; strings keep "the loss diverged" visible to any JSON reader
-    # (null would hide which), and read_metrics turns them back into floats.
-    if isinstance(value, float) and not math.isfinite(value):
-        return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-    return value
-
-
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl, with 'nan'/'inf'/'-inf' strings back as floats.
 
@@ -337,7 +331,7 @@ class MetricsWriter:
             raise ValueError("Metric names 'step' and 'split' are reserved.")
         values = {name: _to_python(name, v) for name, v in metrics.items()}
         record = {'step': int(step), 'split': split}
-        record.update({k: _to_json(v) for k, v in values.items()})
+        record.update({k: jsonable(v) for k, v in values.items()})
         self._file.write(json.dumps(record) + '\n')
         self._file.flush()   # a kill loses at most the line being written
         if self._tb is not None:

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from pretrain import fit, preemption, sweep, train
+from pretrain import preemption, train
 from pretrain.errors import ConfigError
-from pretrain.sweep import Cooldowns, Run, Sweep, product, zipped
+from pretrain.study import executors, fit, laws, results, runner, sweep
+from pretrain.study.sweep import Cooldowns, Run, Sweep, product, zipped
 
 BASE = '''
 from tests.helpers import tiny_config
@@ -119,21 +120,21 @@ def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
     workdir = str(tmp_path / 'sw')
     sweep.check(sw, runs, workdir, num_devices=8)
     last = runs[-1].name
-    outcome = {r.name: sweep.run_one(sw, r, workdir) for r in runs[:-1]}
+    outcome = {r.name: executors.run_one(sw, r, workdir) for r in runs[:-1]}
     real = preemption.Watcher.should_stop
     monkeypatch.setattr(preemption.Watcher, 'should_stop', lambda self, step: step >= 3)
-    outcome[last] = sweep.run_one(sw, runs[-1], workdir)   # as if SIGTERM came at step 3
+    outcome[last] = executors.run_one(sw, runs[-1], workdir)   # as if SIGTERM came at step 3
     assert outcome == {**{r.name: 'done' for r in runs[:-1]}, last: 'preempted'}
-    assert sweep.collect(runs, workdir) == 3
+    assert executors.collect(runs, workdir) == 3
     monkeypatch.setattr(preemption.Watcher, 'should_stop', real)
-    stamps = {r.name: os.path.getmtime(os.path.join(sweep.run_dir(workdir, r.name), sweep.RESULT))
+    stamps = {r.name: os.path.getmtime(os.path.join(sweep.run_dir(workdir, r.name), results.RESULT))
               for r in runs[:-1]}
     trained = []
     real_run = train.run
     monkeypatch.setattr(train, 'run', lambda *a, **k: trained.append(real_run(*a, **k)) or trained[-1])
-    outcome = sweep.run_local(sw, runs, workdir, 'unused.py', parallel=0)
+    outcome = executors.run_local(sw, runs, workdir, 'unused.py', parallel=0)
     assert outcome == {**{r.name: 'skipped' for r in runs[:-1]}, last: 'done'}
-    assert stamps == {n: os.path.getmtime(os.path.join(sweep.run_dir(workdir, n), sweep.RESULT))
+    assert stamps == {n: os.path.getmtime(os.path.join(sweep.run_dir(workdir, n), results.RESULT))
                       for n in stamps}
     (resumed,) = trained   # only the unfinished run trained, from its step-3 checkpoint
     assert [h['step'] for h in resumed['history']] == [4, 6]
@@ -154,7 +155,7 @@ def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
     # The command line lists the runs and their state without training.
     sweep_file = tmp_path / 'sweep_def.py'
     sweep_file.write_text(textwrap.dedent(f'''
-        from pretrain.sweep import Sweep, product
+        from pretrain.study.sweep import Sweep, product
         def get_sweep():
             return Sweep(base={base!r}, points=product({{'model.d_model': [16, 32]}},
                                                         {{'optim.lr': [1e-3, 3e-3]}}),
@@ -162,12 +163,12 @@ def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
                          fixed={{'model.n_heads': 2, 'model.n_kv_heads': 2}})
     '''))
     capsys.readouterr()
-    assert sweep.main([f'--sweep={sweep_file}', f'--workdir={workdir}', '--dry_run']) == 0
+    assert runner.run_sweep(runner.SweepOptions(str(sweep_file), workdir, dry_run=True)) == 0
     out = capsys.readouterr().out
     assert 'finished run      d_model=16,lr=0.001' in out and '4 runs, 4 finished' in out
     bad = tmp_path / 'bad.py'
     bad.write_text(sweep_file.read_text().replace("'optim.lr'", "'optim.lrr'"))
-    assert sweep.main([f'--sweep={bad}', f'--workdir={tmp_path}/bad']) == 2
+    assert runner.run_sweep(runner.SweepOptions(str(bad), f'{tmp_path}/bad', parallel=0)) == 2
     assert 'optim.lrr' in capsys.readouterr().err and not os.path.exists(f'{tmp_path}/bad/runs')
 
 
@@ -178,9 +179,9 @@ def test_cooldown_family_branches_and_feeds_the_fits(base, tmp_path):
                cooldowns=Cooldowns(budgets=[4], fraction=0.5))
     workdir = str(tmp_path / 'sw')
     runs = sweep.expand(sw)
-    assert sweep.run_local(sw, runs, workdir, 'unused.py', parallel=0) == {
+    assert executors.run_local(sw, runs, workdir, 'unused.py', parallel=0) == {
         r.name: 'done' for r in runs}
-    rows = {r['name']: r for r in fit.load_results(workdir)}
+    rows = {r['name']: r for r in results.load_results(workdir)}
     parent, child = rows['d_model=16.constant'], rows['d_model=16.cooldown4']
     assert child['branch_step'] == 2 and child['kind'] == 'cooldown' and parent['kind'] == 'parent'
     # The cooldown's curve is the parent's up to the branch, then its own decaying LR.
@@ -190,7 +191,7 @@ def test_cooldown_family_branches_and_feeds_the_fits(base, tmp_path):
 
 
 def test_fits_skip_parents_and_predict_heldout_runs(tmp_path):
-    law = fit.Chinchilla(E=1.5, A=400.0, B=2000.0, alpha=0.35, beta=0.4)
+    law = laws.Chinchilla(E=1.5, A=400.0, B=2000.0, alpha=0.35, beta=0.4)
     rows = []
     for n in (1e5, 2e5, 4e5, 8e5):
         for d in (1e6, 3e6, 1e7):
@@ -216,17 +217,23 @@ def test_slurm_and_tpu_job_files(base, tmp_path):
                cooldowns=Cooldowns(budgets=[4, 8], fraction=0.25))
     runs = sweep.expand(sw)
     workdir = str(tmp_path / 'sw')
-    files = sweep.write_slurm(runs, workdir, 'configs/sweeps/x.py', max_parallel=3)
-    stage0, stage1, submit = (open(f).read() for f in files)
-    assert '#SBATCH --array=0-1%3' in stage0 and '#SBATCH --array=0-3%3' in stage1
-    assert '--run="$NAME"' in stage0 and 'scontrol requeue' in stage0
-    assert 'afterok' in submit
-    with open(os.path.join(workdir, 'slurm', 'stage1.txt')) as f:
+    files = executors.write_slurm(runs, workdir, 'configs/sweeps/x.py', max_parallel=3)
+    stage0, stage1, submit = files
+    with open(stage0) as f:
+        assert f.read().split() == [r.name for r in runs if not r.parent]
+    with open(stage1) as f:
         assert f.read().split() == [r.name for r in runs if r.parent]
-    (launch,) = sweep.write_tpu(workdir, 'configs/sweeps/x.py', ['vm-a', 'vm-b'], 'zone-1')
+    text = open(submit).read()
+    # The array template lives in launch/; the cooldowns wait for every parent.
+    assert os.path.exists(os.path.join(sweep.ROOT, executors.SLURM_TEMPLATE))
+    assert f'--array=0-1%3 --output={workdir}/slurm/%A_%a.out launch/sweep_array.sbatch' in text
+    assert '--dependency=afterok:"$stage0"' in text and '--array=0-3%3' in text
+    assert '--sweep=configs/sweeps/x.py' in text and '#SBATCH' not in text
+    (launch,) = executors.write_tpu(workdir, 'configs/sweeps/x.py', ['vm-a', 'vm-b'], 'zone-1')
     text = open(launch).read()
     assert '--shard=0/2' in text and '--shard=1/2' in text and 'vm-b' in text
-    for f in files + [launch]:
+    assert 'MODULE=pretrain.sweep bash launch/tpu_vm.sh vm-a' in text and 'gcloud' not in text
+    for f in [submit, launch, os.path.join(sweep.ROOT, executors.SLURM_TEMPLATE)]:
         subprocess.run(['bash', '-n', f], check=True)
 
 
@@ -235,7 +242,7 @@ def test_local_executor_runs_subprocesses(base, tmp_path):
     """The default executor: each run in its own process; exit codes become outcomes."""
     sweep_file = tmp_path / 'one.py'
     sweep_file.write_text(textwrap.dedent(f'''
-        from pretrain.sweep import Sweep
+        from pretrain.study.sweep import Sweep
         def get_sweep():
             return Sweep(base={base!r}, points=[{{'optim.lr': 1e-3}}],
                          fixed={{'train.steps': 3, 'model.d_model': 16, 'model.n_heads': 2,
@@ -256,8 +263,46 @@ def test_a_preempted_run_stops_the_sweep(base, tmp_path, monkeypatch):
     sw = Sweep(base=base, points=zipped({'optim.lr': [1e-3, 2e-3, 3e-3]}))
     runs = sweep.expand(sw)
     calls = []
-    monkeypatch.setattr(sweep, 'run_one', lambda s, r, w: calls.append(r.name) or 'preempted')
-    outcome = sweep.run_local(sw, runs, str(tmp_path / 'sw'), 'unused.py', parallel=0)
+    monkeypatch.setattr(executors, 'run_one', lambda s, r, w: calls.append(r.name) or 'preempted')
+    outcome = executors.run_local(sw, runs, str(tmp_path / 'sw'), 'unused.py', parallel=0)
     assert calls == ['lr=0.001']
     assert outcome == {'lr=0.001': 'preempted', 'lr=0.002': 'not started: the sweep was preempted',
                        'lr=0.003': 'not started: the sweep was preempted'}
+
+
+def test_several_cooldown_families_share_one_parent(base):
+    runs = sweep.expand(Sweep(base=base, points=zipped({'model.d_model': [32]}), cooldowns=[
+        Cooldowns(budgets=[100], fraction=0.2, shape='linear'),
+        Cooldowns(budgets=[100], fraction=0.1, shape='linear', heldout=True),
+        Cooldowns(budgets=[100], fraction=0.2, shape='1-sqrt', heldout=True)]))
+    parent, *children = runs
+    # Checkpoints every gcd(80, 90) = 10 steps serve both branch steps.
+    assert parent.overrides['train.steps'] == 100 and parent.overrides['checkpoint.every_steps'] == 10
+    assert not parent.heldout
+    assert [(c.name, c.branch_step, c.overrides['schedule.decay_steps'],
+             c.overrides['schedule.decay_shape'], c.heldout) for c in children] == [
+        ('d_model=32.cooldown100-linear-0.2', 80, 20, 'linear', False),
+        ('d_model=32.cooldown100-linear-0.1', 90, 10, 'linear', True),
+        ('d_model=32.cooldown100-1-sqrt-0.2', 80, 20, '1-sqrt', True)]
+
+
+def test_preemption_exit_code_is_the_trainers(tmp_path):
+    code = preemption.EXIT_PREEMPTED
+    assert executors._outcome(code, str(tmp_path), 'a') == 'preempted'
+    assert executors._outcome(1, str(tmp_path), 'a').startswith('failed (exit code 1')
+    assert runner.report({'a': 'done', 'b': 'preempted'}, 1, str(tmp_path)) == code
+    assert runner.report({'a': 'done', 'b': 'skipped'}, 2, str(tmp_path)) == 0
+
+
+def test_run_once_records_then_reuses(base, tmp_path, monkeypatch):
+    """The experiments' path: train once, write result.json, return it again without training."""
+    tiny = {'train.steps': 4, 'model.d_model': 16, 'model.n_heads': 2, 'model.n_kv_heads': 2,
+            'model.d_ff': 32}
+    cfg = sweep.run_config(Sweep(base=base), Run('x', {}, tiny), str(tmp_path))
+    path = str(tmp_path / 'x')
+    row = results.run_once(cfg, path)
+    assert row['status'] == 'done' and row['steps'] == 4 and row['final_loss_source'] == 'eval'
+    assert row['final_loss'] == row['evals'][-1]['loss'] and row['curve'][-1][0] == 4
+    assert not os.path.exists(os.path.join(path, 'checkpoints'))   # not kept unless asked
+    monkeypatch.setattr(train, 'run', lambda *a, **k: pytest.fail('trained again'))
+    assert results.run_once(cfg, path) == results.read_result(path)

@@ -7,7 +7,7 @@ the LR by sqrt(B/16) and adjusts b1, b2 and eps (pretrain/scaling_rules.py) insi
 the sweep only names the batch size. The steps shrink as the batch grows: tokens stay equal.
 """
 
-from pretrain.sweep import Sweep, zipped
+from pretrain.study.sweep import Sweep, zipped
 
 BATCHES = [8, 16, 32, 64]
 TOKENS = 16 * 600 * 128   # the reference run's

@@ -9,7 +9,7 @@ checkpoints to end at 150, 300 and 600 steps. The LR is muP-transferred: tuned o
 other widths predict its losses.
 """
 
-from pretrain.sweep import Cooldowns, Sweep, zipped
+from pretrain.study.sweep import Cooldowns, Sweep, zipped
 
 WIDTHS = [32, 48, 64, 96, 128]
 HELD_OUT = [256]
@@ -21,21 +21,25 @@ def shape(point):
     return {'model.n_heads': d // 16, 'model.n_kv_heads': d // 16, 'model.d_ff': 3 * d}
 
 
+# The model and its training setup, shared with configs/sweeps/annealing_tiny.py: muP with the
+# readout multiplier that docs/mutransfer.md found for the base model, one peak LR.
+SETUP = {
+    'model.n_layers': 2,
+    'parametrization.name': 'mup', 'parametrization.base_width': 64,
+    'parametrization.output_mult': 4.0, 'optim.lr': 3e-3,
+    'parametrization.base_head_dim': 16,   # heads grow, the head dim stays 16
+    'optim.weight_decay_mode': 'coupled',  # as these studies ran (before 'auto' became the default)
+    'schedule.warmup_steps': 50,
+    'metrics.tensorboard': False, 'metrics.peak_flops_per_device': 1e12,
+}
+
+
 def get_sweep() -> Sweep:
     return Sweep(
         base='configs/lm_tiny.py',
         points=zipped({'model.d_model': WIDTHS}),
         heldout=zipped({'model.d_model': HELD_OUT}),
         derive=shape,
-        fixed={
-            'model.n_layers': 2,
-            # muP with the readout multiplier that docs/mutransfer.md found for the base model.
-            'parametrization.name': 'mup', 'parametrization.base_width': 64,
-            'parametrization.output_mult': 4.0, 'optim.lr': 3e-3,
-            'parametrization.base_head_dim': 16,   # heads grow, the head dim stays 16
-            'schedule.warmup_steps': 50,
-            'train.log_every': 10, 'train.eval_every': 150, 'train.eval_batches': 8,
-            'metrics.tensorboard': False, 'metrics.peak_flops_per_device': 1e12,
-        },
+        fixed={**SETUP, 'train.log_every': 10, 'train.eval_every': 150, 'train.eval_batches': 8},
         cooldowns=Cooldowns(budgets=[150, 300, 600], fraction=0.2, shape='1-sqrt'),
     )

@@ -4,7 +4,7 @@
     python -m pretrain.fit --sweep_dir=runs/sweeps/tiny_lr
 """
 
-from pretrain.sweep import Sweep, product
+from pretrain.study.sweep import Sweep, product
 
 
 def widths(point):

@@ -1,1 +1,1 @@
-"""Offline study tools on top of the trainer: sweeps, scaling-law fits, plots, reports, coordinate checks."""
+"""Offline study tools: sweeps, executors, scaling-law fits, plots and reports."""

@@ -11,6 +11,10 @@ the current step, so restarting resumes there; 1 config error or non-finite loss
 (train.nonfinite_policy='stop'; the message names the step and the last good checkpoint).
 """
 
+if __name__ == '__main__':   # first: SIGTERM/SIGINT while importing or parsing must not kill
+    from pretrain import startup_signals
+    startup_signals.install()
+
 import logging
 import math
 import os
@@ -35,7 +39,7 @@ from pretrain import metrics as metrics_lib
 from pretrain import optim, parametrization, preemption, scaling_rules, schedules
 from pretrain import state as state_lib
 from pretrain import step as step_lib
-from pretrain.errors import ConfigError, NonFiniteError
+from pretrain.errors import CheckpointError, ConfigError, NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -400,6 +404,8 @@ def main(argv) -> None:
         # Before anything initialises a backend; afterwards the device count is fixed.
         jax.config.update('jax_platforms', 'cpu')
         jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
+    # A signal while importing or parsing the config: exit 75 before connecting to other processes.
+    preemption.startup_signals.exit_if_received('the run started')
     try:
         distributed.initialize_from_flags()
     except distributed.DistributedError as e:
@@ -411,6 +417,8 @@ def main(argv) -> None:
             raise SystemExit(f'config error: {e}') from None
         except NonFiniteError as e:
             raise SystemExit(f'stopped: {e}') from None
+        except CheckpointError as e:
+            raise SystemExit(f'checkpoint error: {e}') from None
     if result.get('preempted'):
         raise SystemExit(preemption.EXIT_PREEMPTED)
 

@@ -110,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10,
         eval_every=100,            # 0 = never
         eval_batches=4,
-        nonfinite_policy='stop',   # NaN/inf loss or grads: 'stop' (error) | 'skip' the update
+        nonfinite_policy='stop',   # NaN/inf loss, grads or new state: 'stop' (error) | 'skip' the update
+        max_consecutive_skips=10,  # 'skip' stops (as 'stop' does) after this many skips in a row
     )
 
     c.optim = dict(
@@ -171,6 +172,25 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_finite_numbers(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first float value anywhere in the config that is NaN or inf.
+
+    No key means anything by NaN or inf, and a NaN passes every `x < bound` check (e.g.
+    optim.grad_clip=nan would silently turn clipping off), so they are refused everywhere.
+    """
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, child in value.items():
+                walk(f'{prefix}.{name}' if prefix else str(name), child)
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                walk(f'{prefix}[{i}]', child)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f'{prefix}={value!r} must be a finite number')
+
+    walk('', cfg.to_dict())
+
+
 def _positive(key: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f'{key}={value!r} must be an integer >= {minimum}')
@@ -186,6 +206,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
     from model_zoo import FAMILIES  # the registry imports the families, which import pretrain
     from pretrain import data, mesh, optim, parametrization, schedules
 
+    check_finite_numbers(cfg)
+    _positive('seed', cfg.seed, 0)
     family = FAMILIES.get(cfg.model.family, 'model.family')
     ici, dcn = mesh.mesh_shape(cfg.mesh, num_devices, num_granules)
     mesh.merge_rules(cfg.mesh.rules)
@@ -196,6 +218,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
         _positive(f'train.{key}', t[key])
     _positive('train.eval_every', t.eval_every, 0)
     check_choice('train.nonfinite_policy', t.nonfinite_policy, NONFINITE_POLICIES)
+    _positive('train.max_consecutive_skips', t.max_consecutive_skips)
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(f'train.global_batch_size={t.global_batch_size} must be divisible by '
                           f'train.grad_accum_steps={t.grad_accum_steps}')
@@ -224,9 +247,18 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, num_granules: 
         data.check_image_config(cfg.data.image)
 
     optim.validate(cfg.optim)
+    # Every family has a width and a depth, and the parametrization divides by them: name the
+    # model key here rather than parametrization.base_width (0 there means "this model").
+    _positive('model.d_model', cfg.model.d_model)
+    _positive('model.n_layers', cfg.model.n_layers)
     parametrization.from_config(cfg)
     scaling_rules.validate(cfg)
-    schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
+    spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, t.steps)
+    if spec.kind != 'constant' and spec.total_steps < t.steps:
+        raise ConfigError(
+            f'schedule.total_steps={spec.total_steps} is smaller than train.steps={t.steps}: the '
+            f'last {t.steps - spec.total_steps} steps would train at the final LR '
+            f'({spec.floor:g}). Set schedule.total_steps >= train.steps (-1 = train.steps).')
     c = cfg.checkpoint
     _positive('checkpoint.every_steps', c.every_steps)
     _positive('checkpoint.keep_last', c.keep_last)

@@ -29,7 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from pretrain import branching
+from pretrain import branching, cli_errors
 from pretrain import checkpoint as ckpt_lib
 from pretrain import config as config_lib
 from pretrain import data as data_lib
@@ -412,6 +412,8 @@ def main(argv) -> None:
         raise SystemExit(f'distributed error: {e}') from None
     with distributed.fail_fast():   # a crash in one process must not leave the others waiting
         try:
+            if not _DRY_RUN.value:   # a file or a read-only folder: one line, before any compute
+                ckpt_lib.check_writable(_WORKDIR.value)
             result = run(_CONFIG.value, _WORKDIR.value or '', dry_run=_DRY_RUN.value)
         except ConfigError as e:
             raise SystemExit(f'config error: {e}') from None
@@ -424,4 +426,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.parse_flags)   # bad flags and config files: one line

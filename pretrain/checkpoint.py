@@ -33,7 +33,8 @@ ITEMS = ('state', 'data', 'meta')
 # Storage errors a damaged array file raises from TensorStore (as ValueError or Exception);
 # anything else during a restore is a bug or a config problem and is not blamed on the files.
 _STORAGE_ERROR_MARKS = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'FAILED_PRECONDITION',
-                        'TensorStore', 'Error reading', 'Error opening', 'not found in the checkpoint')
+                        'TensorStore', 'Error reading', 'Error opening',
+                        'not found in the checkpoint')
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):
@@ -209,6 +210,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,   # half-written saves of a killed run
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._moved: list[int] = []   # steps this checkpointer moved aside as damaged
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -262,8 +264,8 @@ class Checkpointer:
         if not data_files:
             return Damage('data-missing', 'the data-iterator state data/process_*.json is missing')
         for name in data_files:
-            damage = _json_damage(os.path.join(data_dir, name), f'the data-iterator state data/{name}',
-                                  'data')
+            damage = _json_damage(os.path.join(data_dir, name),
+                                  f'the data-iterator state data/{name}', 'data')
             if damage:
                 return damage
         state_dir = os.path.join(folder, 'state')
@@ -309,6 +311,42 @@ class Checkpointer:
         self.manager.reload()
         return target
 
+    def _set_aside(self, step: int, damage: Damage, log: Callable[[str], None]) -> None:
+        target = self.move_aside(step, damage)
+        self._moved.append(step)
+        older = [s for s in self.all_steps() if s < step]
+        log(f'checkpoint step {step} in {self.directory} is damaged ({damage.detail}); moved '
+            f'to {target}; ' + (f'trying step {max(older)}' if older else 'no older checkpoint'))
+
+    def _none_intact(self) -> CheckpointError:
+        return CheckpointError(
+            f'no intact checkpoint in {self.directory}: the damaged steps {self._moved} were moved '
+            f'to {os.path.join(self.directory, DAMAGED_DIR)}. Restore a good copy there, or use '
+            'a new --workdir to start over.')
+
+    def latest_verified(self, log: Callable[[str], None] = print
+                        ) -> tuple[int, dict[str, Any]] | None:
+        """(step, record) of the newest step that passes `verify`; None if there is no step.
+
+        Cheap (no arrays are read), so a trainer can check the record (shapes, schedule) before
+        any compute. Steps that fail are moved aside with one `log` line each; raises
+        CheckpointError when steps existed and all failed.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            damage = self.verify(step)
+            if damage is None:
+                try:
+                    return step, self.read_record(step)
+                except Exception as e:   # noqa: BLE001 - classified; other errors re-raised
+                    if not is_storage_error(e):
+                        raise
+                    damage = Damage('record-unreadable',
+                                    f'reading its record failed: {_first_line(e)}')
+            self._set_aside(step, damage, log)
+        if self._moved:
+            raise self._none_intact()
+        return None
+
     def restore_latest(self, abstract_state, data_iter,
                        check_record: Callable[[dict[str, Any], int], None] | None = None,
                        log: Callable[[str], None] = print) -> Restored | None:
@@ -319,35 +357,22 @@ class Checkpointer:
         schedule checks); its ConfigError propagates, as does any error that is not about the
         files. Raises CheckpointError when every step is damaged.
         """
-        steps = sorted(self.all_steps(), reverse=True)
-        if not steps:
-            return None
-        moved = []
-        for step in steps:
-            damage = self.verify(step)
-            if damage is None:
-                record = self.read_record(step)
-                if check_record is not None:
-                    check_record(record, step)
-                try:
-                    state = self.restore(step, abstract_state, data_iter)
-                except Exception as e:   # noqa: BLE001 - classified; other errors re-raised
-                    if not is_storage_error(e):
-                        raise
-                    damage = Damage('unreadable', f'reading it failed: {_first_line(e)}')
-                else:
-                    damage = self._check_restored(state, record)
-                    if damage is None:
-                        return Restored(step, state, record)
-            target = self.move_aside(step, damage)
-            moved.append(step)
-            older = [s for s in steps if s < step]
-            log(f'checkpoint step {step} in {self.directory} is damaged ({damage.detail}); moved '
-                f'to {target}; ' + (f'trying step {older[0]}' if older else 'no older checkpoint'))
-        raise CheckpointError(
-            f'no intact checkpoint in {self.directory}: the damaged steps {moved} were moved to '
-            f'{os.path.join(self.directory, DAMAGED_DIR)}. Restore a good copy there, or use a '
-            'new --workdir to start over.')
+        while (found := self.latest_verified(log)) is not None:
+            step, record = found
+            if check_record is not None:
+                check_record(record, step)
+            try:
+                state = self.restore(step, abstract_state, data_iter)
+            except Exception as e:   # noqa: BLE001 - classified; other errors re-raised
+                if not is_storage_error(e):
+                    raise
+                damage = Damage('unreadable', f'reading it failed: {_first_line(e)}')
+            else:
+                damage = self._check_restored(state, record)
+                if damage is None:
+                    return Restored(step, state, record)
+            self._set_aside(step, damage, log)
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10,
         eval_every=100,            # 0 = never
         eval_batches=4,
-        nonfinite_policy='stop',   # NaN/inf loss, grads or new state: 'stop' (error) | 'skip' the update
+        nonfinite_policy='stop',   # NaN/inf loss, grads or new state: 'stop' (error) | 'skip'
         max_consecutive_skips=10,  # 'skip' stops (as 'stop' does) after this many skips in a row
     )
 

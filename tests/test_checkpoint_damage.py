@@ -297,3 +297,14 @@ def test_read_only_workdir_fails_in_one_line(tmp_path):
     assert message.startswith(f'--workdir={workdir} is not writable ({where}: ') and '\n' not in message
     if os.geteuid() != 0:
         assert os.listdir(workdir) == ['checkpoints']
+
+
+def test_latest_verified_reads_only_records_and_sets_aside_visible_damage(run_dir, tmp_path):
+    directory = _copy(run_dir, tmp_path)
+    _garble(DATA_STATE)(os.path.join(directory, '6'))
+    _zero_arrays(os.path.join(directory, '4'))   # not visible without reading arrays
+    ckpt = ckpt_lib.Checkpointer(directory, _config().checkpoint)
+    lines = []
+    step, record = ckpt.latest_verified(log=lines.append)
+    assert (step, record['step']) == (4, 4) and len(lines) == 1 and 'step 6' in lines[0]
+    assert ckpt.all_steps() == [2, 4]

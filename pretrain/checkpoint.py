@@ -290,7 +290,7 @@ class Checkpointer:
         if not wrong:
             return None
         return Damage('checksum-mismatch', f'{len(wrong)} array(s) differ from their saved '
-                      f'checksums, first {wrong[0]}')
+                      f'checksums, first {wrong[0]!r}')
 
     def move_aside(self, step: int, damage: Damage) -> str:
         """Moves a damaged step into damaged/<step>.<slug> (never deleted); returns the new path.

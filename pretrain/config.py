@@ -7,6 +7,7 @@ config against the device count and the configured family before any compute.
 """
 
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -75,7 +76,8 @@ def core_config() -> ml_collections.ConfigDict:
         log_every=10,
         eval_every=100,            # 0 = never
         eval_batches=4,
-        nonfinite_policy='stop',   # NaN/inf loss or grads: 'stop' (error) | 'skip' the update
+        nonfinite_policy='stop',   # NaN/inf loss, grads or new state: 'stop' (error) | 'skip'
+        max_consecutive_skips=10,  # 'skip' stops (as 'stop' does) after this many skips in a row
     )
 
     c.optim = dict(
@@ -140,6 +142,25 @@ def core_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_finite_numbers(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first float value anywhere in the config that is NaN or inf.
+
+    No key means anything by NaN or inf, and a NaN passes every `x < bound` check (e.g.
+    optim.grad_clip=nan would silently turn clipping off), so they are refused everywhere.
+    """
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, child in value.items():
+                walk(f'{prefix}.{name}' if prefix else str(name), child)
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                walk(f'{prefix}[{i}]', child)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f'{prefix}={value!r} must be a finite number')
+
+    walk('', cfg.to_dict())
+
+
 def _positive(key: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f'{key}={value!r} must be an integer >= {minimum}')
@@ -153,6 +174,8 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
     own `validate` checks the model keys. Raises ConfigError naming the key, the value and what
     is allowed. Reads no data and computes nothing, so a bad config fails in seconds.
     """
+    check_finite_numbers(cfg)
+    _positive('seed', cfg.seed, 0)
     ici, dcn = mesh.mesh_shape(cfg.mesh, num_devices, num_granules)
     mesh.merge_rules(cfg.mesh.rules)
     axes = {a: ici[a] * dcn[a] for a in mesh.AXES}
@@ -162,6 +185,7 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
         _positive(f'train.{key}', train_cfg[key])
     _positive('train.eval_every', train_cfg.eval_every, 0)
     check_choice('train.nonfinite_policy', train_cfg.nonfinite_policy, NONFINITE_POLICIES)
+    _positive('train.max_consecutive_skips', train_cfg.max_consecutive_skips)
     batch, accum = train_cfg.global_batch_size, train_cfg.grad_accum_steps
     if batch % accum:
         raise ConfigError(f'train.global_batch_size={batch} must be divisible by '
@@ -191,9 +215,18 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
         data.check_image_config(cfg.data.image)
 
     optim.validate(cfg.optim)
+    # Every family has a width and a depth, and the parametrization divides by them: name the
+    # model key here rather than parametrization.base_width (0 there means "this model").
+    _positive('model.d_model', cfg.model.d_model)
+    _positive('model.n_layers', cfg.model.n_layers)
     parametrization.from_config(cfg)
     scaling_rules.validate(cfg)
-    schedules.spec_from_config(cfg.schedule, cfg.optim.lr, train_cfg.steps)
+    spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, train_cfg.steps)
+    if spec.kind != 'constant' and spec.total_steps < train_cfg.steps:
+        raise ConfigError(
+            f'schedule.total_steps={spec.total_steps} is smaller than train.steps={train_cfg.steps}: '
+            f'the last {train_cfg.steps - spec.total_steps} steps would train at the final LR '
+            f'({spec.floor:g}). Set schedule.total_steps >= train.steps (-1 = train.steps).')
     if cfg.schedule.branch_from:
         branching.parse(cfg.schedule.branch_from)
     checkpoint_cfg = cfg.checkpoint

@@ -32,3 +32,7 @@ class NonFiniteError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be restored (all damaged); not a config error."""

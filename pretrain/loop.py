@@ -14,9 +14,8 @@ import jax
 from pretrain import checkpoint as checkpoint_lib
 from pretrain import distributed
 from pretrain import metrics as metrics_lib
-from pretrain import preemption
+from pretrain import nonfinite, preemption
 from pretrain import setup as setup_lib
-from pretrain.errors import NonFiniteError
 
 
 class TrainLoop:
@@ -30,7 +29,9 @@ class TrainLoop:
         self.state, self.pipeline, self.data_iter = state, pipeline, data_iter
         self.checkpointer, self.writer = checkpointer, writer
         self.eval_step, self.peak_flops = eval_step, peak_flops
-        self.skipped_steps, self.lineage = skipped_steps, list(lineage)
+        self.lineage = list(lineage)
+        self.guard = nonfinite.NonFiniteGuard(self.cfg.train.nonfinite_policy,
+                                              self.cfg.train.max_consecutive_skips, skipped_steps)
         self.step = int(jax.device_get(state.step))
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
@@ -50,19 +51,24 @@ class TrainLoop:
             with self.watcher:
                 while self.step < train_cfg.steps:
                     metrics = self.train_one_step()
+                    if metrics is None:   # a stop signal arrived before the first update
+                        preempted = True
+                        break
                     log, save, stop = self.decide()
                     if log or save:   # never log or save a step before knowing it was finite
                         self.check_pending()
                     if log:
                         self.log(metrics)
+                    # Evaluate before saving: whenever checkpoint N exists, so does the eval row
+                    # of step N (a resume starts after N and would never write it).
+                    if train_cfg.eval_every and (self.step % train_cfg.eval_every == 0
+                                                 or self.step == train_cfg.steps):
+                        self.evaluate()
                     if save:
                         self.save()
                     if stop:
                         preempted = self.stop()
                         break
-                    if train_cfg.eval_every and (self.step % train_cfg.eval_every == 0
-                                                 or self.step == train_cfg.steps):
-                        self.evaluate()
         finally:
             self.checkpointer.close()   # waits for an in-flight save, also after an error
             self.writer.close()
@@ -70,11 +76,20 @@ class TrainLoop:
                 'params': self.setup.param_count, 'state': self.state, 'preempted': preempted,
                 'skipped': self.skipped_steps}
 
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped
+
     def train_one_step(self):
-        """Runs one update on the next batch; returns its metrics (still on the device)."""
+        """Runs one update on the next batch; returns its metrics (still on the device), or None
+        when a stop signal came during start-up or compiling (nothing trained, nothing to save)."""
         batch = self.setup.global_batch(next(self.data_iter))
         if self.compiled is None:
             self.compile(batch)
+            if self.watcher.should_stop(self.step):
+                self.writer.text(f'stopped before the first update (step {self.step}); the '
+                                 'checkpoint it started from is unchanged')
+                return None
         self.state, metrics = self.compiled(self.state, batch)
         self.step += 1
         # Reading the previous step's flag, not this one's, keeps this step queued on the
@@ -114,26 +129,22 @@ class TrainLoop:
         return log, save, stop
 
     def check_pending(self) -> None:
-        """Acts on the non-finite flag of the step not yet checked (reading it waits for it)."""
+        """Acts on the non-finite flag of the step not yet checked (reading it waits for it):
+        skip it or stop, as train.nonfinite_policy and max_consecutive_skips say."""
         if self.pending is None:
             return
         at, metrics = self.pending
         self.pending = None
-        if not int(metrics['nonfinite']):
-            return
-        if self.cfg.train.nonfinite_policy == 'skip':
-            self.skipped_steps += 1
-            self.writer.text(f'step {at}: non-finite loss or gradients; update skipped '
-                             f'({self.skipped_steps} so far)')
-            return
+        flag = int(metrics['nonfinite'])
+        line = self.guard.check(at, flag, float(metrics['loss']) if flag else 0.0,
+                                float(metrics['grad_norm']) if flag else 0.0, self.last_checkpoint)
+        if line:
+            self.writer.text(line)
+
+    def last_checkpoint(self) -> tuple[str | None, int | None]:
         self.checkpointer.wait()   # an async save of an earlier, good step may still be committing
         last = self.checkpointer.latest_step()
-        path = None if last is None else self.checkpointer.path(last)
-        raise NonFiniteError(
-            f'non-finite loss or gradients at step {at} (loss {float(metrics["loss"])}, grad '
-            f'norm {float(metrics["grad_norm"])}) with train.nonfinite_policy=stop; nothing '
-            f'after step {at - 1} was saved. Last good checkpoint: '
-            + ('none' if last is None else f'{path} (step {last})'), at, path)
+        return (None if last is None else self.checkpointer.path(last)), last
 
     def log(self, metrics) -> None:
         setup = self.setup

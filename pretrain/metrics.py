@@ -5,6 +5,7 @@ line. TensorBoard and the progress line are conveniences on top of it.
 """
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -258,15 +259,10 @@ def _to_python(name: str, value: Any) -> float | int | bool:
     raise TypeError(f'Metric {name!r} has unsupported type {type(value).__name__}.')
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl, with 'nan'/'inf'/'-inf' strings back as floats.
-
-    A line that does not parse (the tail of a killed write) is skipped with a warning. A
-    resumed run re-logs steps after its last checkpoint, so a step may appear twice; the later
-    record is the one that continued.
-    """
-    records = []
-    with open(path, encoding='utf-8') as f:
+def _parsed_lines(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line of a metrics.jsonl that parses; the others are skipped."""
+    out = []
+    with open(path, encoding='utf-8', errors='replace') as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -276,14 +272,79 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
                 logging.warning('%s:%d: skipping a line that is not JSON (an interrupted write?)',
                                 path, lineno)
                 continue
-            for k, v in record.items():
-                if k != 'split' and isinstance(v, str) and v in _NONFINITE:
-                    record[k] = _NONFINITE[v]
-            records.append(record)
+            if isinstance(record, dict):
+                out.append((line if line.endswith('\n') else line + '\n', record))
+    return out
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keeps only the records with step <= `last_step`, in order; returns how many were dropped.
+
+    For a run resumed from the checkpoint of `last_step`: it logs every later step again, so
+    the rows of the stretch after that checkpoint (and a torn last line) must go. The file is
+    replaced atomically (write, then rename), so a kill here leaves the old or the new file.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, 'rb') as f:
+        total = sum(1 for line in f if line.strip())
+    kept = [line for line, record in _parsed_lines(path)
+            if isinstance(record.get('step'), int) and record['step'] <= last_step]
+    if len(kept) == total:
+        return 0
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return total - len(kept)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl, with 'nan'/'inf'/'-inf' strings back as floats.
+
+    A line that does not parse (the tail of a killed write) is skipped with a warning.
+    """
+    records = []
+    for _, record in _parsed_lines(path):
+        for k, v in record.items():
+            if k != 'split' and isinstance(v, str) and v in _NONFINITE:
+                record[k] = _NONFINITE[v]
+        records.append(record)
     return records
 
 
 # --- Writer -------------------------------------------------------------------------------
+
+_WRITER_COUNT = itertools.count()
+
+
+def _drop_torn_tail(path: str) -> None:
+    """Cuts a last line without its newline (a killed write): it would break line readers.
+
+    A last line that is a whole record and lacks only the newline gets the newline instead.
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, 'rb+') as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        window = min(size, 1 << 20)
+        f.seek(size - window)
+        tail = f.read()
+        if tail.endswith(b'\n'):
+            return
+        cut = tail.rfind(b'\n')
+        if cut < 0 and window < size:   # a line longer than 1 MiB is not ours: leave it alone
+            return
+        try:
+            json.loads(tail[cut + 1:])
+        except ValueError:
+            f.truncate(size - window + cut + 1)
+        else:
+            f.write(b'\n')
+
 
 class MetricsWriter:
     """Writes metrics to <workdir>/metrics.jsonl, TensorBoard (<workdir>/tb) and the console.
@@ -294,7 +355,12 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str, *, active: bool = True, total_steps: int = 0,
-                 tensorboard: bool = True, stream: TextIO | None = None) -> None:
+                 tensorboard: bool = True, stream: TextIO | None = None,
+                 resume_step: int | None = None) -> None:
+        """resume_step: the step the run (re)starts from (0 for a fresh start). The records of
+        later steps, left by an earlier attempt that was killed, are dropped from metrics.jsonl
+        and hidden in TensorBoard, so each step is logged once. None appends to what is there.
+        """
         self.active = active
         self.total_steps = total_steps
         self.path = os.path.join(workdir, 'metrics.jsonl')
@@ -308,18 +374,23 @@ class MetricsWriter:
         if not active:
             return
         os.makedirs(workdir, exist_ok=True)
-        # A killed writer may have left half a line; start ours on a fresh one.
-        torn = False
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            with open(self.path, 'rb') as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b'\n'
+        if resume_step is not None:
+            dropped = truncate_metrics(self.path, resume_step)
+            if dropped:
+                logging.info('%s: dropped %d record(s) after step %d, logged before the restart',
+                             self.path, dropped, resume_step)
+        _drop_torn_tail(self.path)
         self._file = open(self.path, 'a', encoding='utf-8')
-        if torn:
-            self._file.write('\n')
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tb'), flush_secs=10)
+            # purge_step writes a session-start event: TensorBoard then hides every earlier
+            # event at a step >= resume_step + 1, i.e. those of the stretch logged again.
+            purge = None if resume_step is None else resume_step + 1
+            # The suffix keeps two writers started in the same second (a restart loop) from
+            # sharing one events file name, which would overwrite the first file.
+            suffix = f'.{os.getpid()}.{next(_WRITER_COUNT)}'
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tb'), flush_secs=10,
+                                     purge_step=purge, filename_suffix=suffix)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = 'train') -> None:
         """Record `metrics` at `step` under `split` ('train', 'eval', ...)."""

@@ -11,6 +11,10 @@ install a Python SIGTERM handler there: it would replace the sync manager's.
 
 If the preemption service is disabled (`jax_enable_preemption_service=False`), local flags are
 OR-ed across processes by `agree` at the steps the loop already synchronises on.
+
+A signal that arrived during start-up (recorded by `startup_signals`) is taken over by the
+Watcher: `should_stop` answers True from the first call, so a loop that asks it once before its
+first step stops there with nothing to save.
 """
 
 import os
@@ -22,9 +26,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". Distinct from 0
-# (finished) and 1 (error), so a launcher or scheduler can requeue the job on this code.
-EXIT_PREEMPTED = 75
+from pretrain import startup_signals
+from pretrain.startup_signals import EXIT_PREEMPTED  # noqa: F401 - the trainer's exit code
+
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,7 +41,8 @@ class Watcher:
     """Context manager: installs the signal handlers; `should_stop(step)` after every step."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None      # first signal this process received
+        # First signal this process received, also one during start-up, before the loop.
+        self.signal_name: str | None = startup_signals.received()
         self._previous: dict[int, object] = {}
         self._use_sync = _sync_manager_active()
 
@@ -53,6 +58,10 @@ class Watcher:
         signals = (signal.SIGINT,) if self._use_sync else _SIGNALS
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.signal_name is not None:
+            startup_signals.clear()   # taken over: acted on by this watcher
+            if self._use_sync:   # JAX's notifier did not see it: tell it, as `_handle` does
+                os.kill(os.getpid(), signal.SIGTERM)
         return self
 
     def __exit__(self, *exc: object) -> None:

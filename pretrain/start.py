@@ -1,11 +1,14 @@
 """Where a run starts: its own latest checkpoint (resume), a parent's (branch), or a fresh init.
 
 `plan` makes every check (shapes, schedule, branch point) before anything is created or
-computed; `Start.state` then builds the first train state onto the setup's shardings.
+computed; `Start.state` then builds the first train state onto the setup's shardings. A damaged
+checkpoint step (a truncated array file, a garbled record, ...) is moved aside with one log line
+and the newest intact step is used instead (pretrain/checkpoint.py).
 """
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 from pretrain import branching
@@ -30,32 +33,63 @@ class Start:
         return self.checkpointer or checkpoint_lib.Checkpointer(self.checkpoint_dir, checkpoint_cfg)
 
     def state(self, setup: setup_lib.Setup, checkpointer: checkpoint_lib.Checkpointer,
-              data_iter) -> tuple[state_lib.TrainState, str | None]:
-        """(first train state, a line for the log); restores move `data_iter` to their step.
+              data_iter, log: Callable[[str], None]) -> 'Started':
+        """The first train state; restores move `data_iter` to their step.
 
-        Call inside `setup.activate()`.
+        A resume falls back to an older step when the newest turns out damaged while reading its
+        arrays. Call inside `setup.activate()`.
         """
         if self.resume_step is not None:
-            state = checkpointer.restore(self.resume_step, setup.restore_target(), data_iter)
-            return state, f'resumed from step {self.resume_step} in {self.checkpoint_dir}'
+            restored = checkpointer.restore_latest(
+                setup.restore_target(), data_iter,
+                check_record=record_checker(setup, self.checkpoint_dir), log=log)
+            if restored is None:   # every step vanished between plan() and now
+                raise ConfigError(f'{self.checkpoint_dir}: the checkpoints disappeared while '
+                                  'starting; restart the run')
+            return Started(restored.state, restored.step,
+                           f'resumed from step {restored.step} in {self.checkpoint_dir}',
+                           int(restored.record.get('skipped_steps', 0)),
+                           tuple(restored.record.get('lineage', [])))
         if self.parent is not None:
-            return self.parent.restore(setup.restore_target(), data_iter), self.parent.describe()
-        return setup.init_state(), None
+            return Started(self.parent.restore(setup.restore_target(), data_iter), self.parent.step,
+                           self.parent.describe(), 0, tuple(self.parent.lineage))
+        return Started(setup.init_state(), 0, None)
 
 
-def plan(setup: setup_lib.Setup, workdir: str) -> Start:
-    """Resume when the workdir has a checkpoint, else branch when schedule.branch_from is set,
-    else start fresh; raises ConfigError (changing nothing on disk) for an incompatible one."""
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """The first train state and what it continues: the step the metrics resume from (0 for a
+    fresh run), a line for the log, skipped updates so far and the lineage."""
+    state: state_lib.TrainState
+    step: int
+    note: str | None
+    skipped_steps: int = 0
+    lineage: tuple[dict[str, Any], ...] = ()
+
+
+def record_checker(setup: setup_lib.Setup, checkpoint_dir: str) -> Callable[[dict, int], None]:
+    """(record, step) -> None or ConfigError: the shapes and schedule a resume must match."""
+    allow = setup.cfg.schedule.allow_resume_change
+
+    def check(record: dict, step: int) -> None:
+        checkpoint_lib.check_shapes(record, setup.param_shapes, checkpoint_dir, step)
+        check_schedule(record, setup.schedule_spec, allow, f'{checkpoint_dir} step {step}')
+
+    return check
+
+
+def plan(setup: setup_lib.Setup, workdir: str, log: Callable[[str], None]) -> Start:
+    """Resume when the workdir has an intact checkpoint, else branch when schedule.branch_from is
+    set, else start fresh; raises ConfigError for an incompatible checkpoint and CheckpointError
+    when every step is damaged. Only damaged steps are touched on disk (moved aside)."""
     cfg = setup.cfg
     checkpoint_dir = os.path.join(workdir, 'checkpoints')
     if os.path.isdir(checkpoint_dir):
         checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, cfg.checkpoint)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            record = checkpointer.read_record(latest)
-            checkpoint_lib.check_shapes(record, setup.param_shapes, checkpoint_dir, latest)
-            check_schedule(record, setup.schedule_spec, cfg.schedule.allow_resume_change,
-                           f'{checkpoint_dir} step {latest}')
+        found = checkpointer.latest_verified(log=log)   # cheap: no arrays are read
+        if found is not None:
+            latest, record = found
+            record_checker(setup, checkpoint_dir)(record, latest)
             return Start(checkpoint_dir, checkpointer, latest, None,
                          int(record.get('skipped_steps', 0)), tuple(record.get('lineage', [])))
     else:

@@ -11,6 +11,27 @@ from pretrain.state import ModelDef, TrainState
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = ('act_batch', 'act_length')
+# Bits of metrics['nonfinite'].
+NONFINITE_GRADS = 1   # the loss or the gradients
+NONFINITE_STATE = 2   # the updated parameters or optimizer state
+
+
+def _all_finite(tree) -> jax.Array:
+    """True iff every floating-point entry of `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def describe_nonfinite(code: int) -> str:
+    """What a non-zero metrics['nonfinite'] says, for messages."""
+    parts = []
+    if code & NONFINITE_GRADS:
+        parts.append('loss or gradients')
+    if code & NONFINITE_STATE:
+        parts.append('updated parameters or optimizer state')
+    return ' and '.join(parts) or 'nothing'
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -28,8 +49,11 @@ def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTr
 
     `rates(step)` adds the applied LR and weight decay per parameter group to the metrics.
 
-    metrics['nonfinite'] is 1 when the loss or the gradient norm was NaN/inf; the returned state
-    then holds the previous params and optimizer state.
+    metrics['nonfinite'] is non-zero when the step must not be applied: bit 1 (NONFINITE_GRADS)
+    when the loss or the gradient norm was NaN/inf, bit 2 (NONFINITE_STATE) when the updated
+    parameters or optimizer state hold a NaN/inf (e.g. an overflowing update from finite
+    gradients). The returned state then holds the previous params and optimizer state, so a
+    non-finite state is never carried forward, let alone saved.
     """
 
     def loss_of_params(params, batch):
@@ -58,18 +82,29 @@ def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTr
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         grads, loss, metrics = grads_and_metrics(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        # Two scalar tests: a NaN or inf anywhere in the gradients makes their norm non-finite.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Scalar tests: a NaN or inf anywhere in the gradients (or the new params) makes their
+        # norm non-finite. The params norm is the one reported anyway, so it costs nothing new.
+        new_param_norm = optax.tree.norm(new_params)
+        grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The optimizer state gets an all-finite reduction instead of a norm: its entries (e.g.
+        # Adam's second moments, squares of gradients) may be large enough that a sum of squares
+        # overflows while every entry is finite. It fuses with the update that writes them.
+        state_ok = jnp.isfinite(new_param_norm) & _all_finite(opt_state)
+        finite = grads_ok & state_ok
         # A bad step keeps the old params and optimizer state; the select fuses into the update
         # kernels, so it adds little memory traffic. The step counter still advances (the
         # batch was consumed). The caller decides whether to go on ('skip') or stop.
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+                                         (new_params, opt_state), (state.params, state.opt_state))
+        # The old params' norm is computed only on a rejected step (a real branch on device).
+        param_norm = jax.lax.cond(finite, lambda: new_param_norm,
+                                  lambda: optax.tree.norm(state.params))
+        nonfinite = (jnp.where(grads_ok, 0, NONFINITE_GRADS)
+                     | jnp.where(state_ok, 0, NONFINITE_STATE)).astype(jnp.int32)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
-                       param_norm=optax.tree.norm(params),
-                       nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+                       param_norm=param_norm, nonfinite=nonfinite,
                        **(rates(state.step) if rates else {}))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

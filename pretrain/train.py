@@ -11,6 +11,10 @@ the current step, so restarting resumes there; 1 config error or non-finite loss
 (train.nonfinite_policy='stop'; the message names the step and the last good checkpoint).
 """
 
+if __name__ == '__main__':   # first: SIGTERM/SIGINT while importing or parsing must not kill
+    from pretrain import startup_signals
+    startup_signals.install()
+
 import logging
 import os
 from typing import Any
@@ -23,6 +27,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from model_zoo import FAMILIES   # this entry point hands the family registry to the setup
+from pretrain import checkpoint as checkpoint_lib
+from pretrain import cli_errors
 from pretrain import config as config_lib
 from pretrain import data as data_lib
 from pretrain import distributed, preemption
@@ -32,7 +38,7 @@ from pretrain import metrics as metrics_lib
 from pretrain import schedules
 from pretrain import setup as setup_lib
 from pretrain import start as start_lib
-from pretrain.errors import ConfigError, NonFiniteError
+from pretrain.errors import CheckpointError, ConfigError, NonFiniteError
 from pretrain.registry import Registry
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -61,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     setup = setup_lib.build(config, devices, families=families)          # plan
     if dry_run:
         return dry_run_lib.report(setup)
-    start = start_lib.plan(setup, workdir)                               # checked, nothing created
+    start = start_lib.plan(setup, workdir, log=absl_logging.warning)   # checked, nothing created
     cfg = setup.cfg
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -75,21 +81,25 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     data_iter = pipeline.train_iterator()
     # Measured outside the mesh context: a CPU peak is a single-device matmul.
     peak, peak_source = metrics_lib.total_peak_flops(devices, cfg.metrics.peak_flops_per_device)
-    writer = metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
-                                       total_steps=cfg.train.steps, tensorboard=cfg.metrics.tensorboard)
     with setup.activate():
-        state, start_note = start.state(setup, checkpointer, data_iter)  # start state
-        if start_note:
-            writer.text(start_note)
+        started = start.state(setup, checkpointer, data_iter, log=absl_logging.warning)
+        # Opened at the step the run continues from: rows logged after it by an earlier attempt
+        # (killed before its next checkpoint) are dropped, so every step is logged once.
+        writer = metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
+                                           total_steps=cfg.train.steps,
+                                           tensorboard=cfg.metrics.tensorboard,
+                                           resume_step=started.step)
+        if started.note:
+            writer.text(started.note)
         byte_lengths = (None if pipeline.tokenizer is None   # bits/byte only for text
                         else jnp.asarray(pipeline.tokenizer.byte_lengths, jnp.float32))
         writer.text(f'{cfg.model.family}: {setup.param_count:,} params, '
                     f'{setup.flops_per_step / setup.tokens_per_step:.3g} FLOPs/token, mesh '
                     f'{dict(setup.mesh.shape)}, {jax.process_count()} process(es), peak {peak:.3g} '
                     f'FLOP/s ({peak_source}); {schedules.describe(setup.schedule_spec)}')
-        loop = loop_lib.TrainLoop(setup, state, pipeline, data_iter, checkpointer, writer,
+        loop = loop_lib.TrainLoop(setup, started.state, pipeline, data_iter, checkpointer, writer,
                                   eval_step=setup.eval_step(byte_lengths), peak_flops=peak,
-                                  skipped_steps=start.skipped_steps, lineage=start.lineage)
+                                  skipped_steps=started.skipped_steps, lineage=started.lineage)
         return loop.run()                                                # loop -> result
 
 
@@ -112,20 +122,26 @@ def main(argv) -> None:
         # Before anything initialises a backend; afterwards the device count is fixed.
         jax.config.update('jax_platforms', 'cpu')
         jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
+    # A signal while importing or parsing the config: exit 75 before connecting to other processes.
+    preemption.startup_signals.exit_if_received('the run started')
     try:
         distributed.initialize_from_flags()
     except distributed.DistributedError as e:
         raise SystemExit(f'distributed error: {e}') from None
     with distributed.fail_fast():   # a crash in one process must not leave the others waiting
         try:
+            if not _DRY_RUN.value:   # a file or a read-only folder: one line, before any compute
+                checkpoint_lib.check_writable(_WORKDIR.value)
             result = run(_CONFIG.value, _WORKDIR.value or '', dry_run=_DRY_RUN.value)
         except ConfigError as e:
             raise SystemExit(f'config error: {e}') from None
         except NonFiniteError as e:
             raise SystemExit(f'stopped: {e}') from None
+        except CheckpointError as e:
+            raise SystemExit(f'checkpoint error: {e}') from None
     if result.get('preempted'):
         raise SystemExit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=cli_errors.parse_flags)   # bad flags and config files: one line

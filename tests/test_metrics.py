@@ -234,3 +234,86 @@ def test_tty_progress_line(tmp_path, monkeypatch):
     assert last.startswith('[####................] 20/100 | loss 1.5 | tok/s 1,000 | mfu 50.0%')
     assert 'eta 1m20s' in last       # 10 steps took 10 s, 80 to go
     assert '\r\x1b[Knote\n' in out
+
+
+# --- Resumed runs -------------------------------------------------------------------------
+
+def _log_steps(writer, steps, eval_every=4):
+    """What the loop logs: a train row per step, then the eval row at eval steps."""
+    for step in steps:
+        writer.write(step, {'loss': 10.0 / step})
+        if step % eval_every == 0:
+            writer.write(step, {'loss': 20.0 / step}, split='eval')
+
+
+def _rows(path):
+    return [(r['split'], r['step'], r['loss']) for r in M.read_metrics(path)]
+
+
+def test_kills_and_resumes_log_every_row_once(tmp_path):
+    straight = tmp_path / 'straight'
+    with M.MetricsWriter(str(straight), tensorboard=False, resume_step=0) as w:
+        _log_steps(w, range(1, 21))
+    expected = _rows(straight / 'metrics.jsonl')
+
+    # (the step a kill lands after, the last checkpoint then): each restart resumes there.
+    killed = tmp_path / 'killed'
+    resume = 0
+    for killed_after, checkpoint in [(3, 0), (7, 4), (13, 12), (13, 12), (18, 16)]:
+        w = M.MetricsWriter(str(killed), tensorboard=False, resume_step=resume)
+        _log_steps(w, range(resume + 1, killed_after + 1))
+        w._file.write('{"step": 99, "split": "tr')   # the kill tears the line being written
+        w._file.flush()
+        resume = checkpoint
+    with M.MetricsWriter(str(killed), tensorboard=False, resume_step=resume) as w:
+        _log_steps(w, range(resume + 1, 21))
+    path = killed / 'metrics.jsonl'
+    assert _rows(path) == expected
+    for line in open(path):   # a strict line-by-line reader sees only whole records
+        json.loads(line)
+
+
+def test_resume_keeps_the_rows_of_the_checkpoint_step(tmp_path):
+    with M.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=0) as w:
+        _log_steps(w, range(1, 10))
+    with M.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=8):
+        pass
+    rows = _rows(tmp_path / 'metrics.jsonl')
+    assert rows[-2:] == [('train', 8, 10.0 / 8), ('eval', 8, 20.0 / 8)]
+    assert max(step for _, step, _ in rows) == 8
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+
+
+def test_resume_step_none_appends_and_a_whole_last_record_is_kept(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 1, "split": "train", "loss": 3.0}\n{"step": 2, "split": "train", '
+                    '"loss": 2.5}')   # complete, only the newline missing
+    with M.MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write(3, {'loss': 2.0})
+    assert [r['step'] for r in M.read_metrics(str(path))] == [1, 2, 3]
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 1, "split": "train", "loss": 3.0}\n{"step": 2, "spl')
+    assert [r['step'] for r in M.read_metrics(str(path))] == [1]
+
+
+def test_tensorboard_resume_purges_the_logged_again_stretch(tmp_path):
+    from tensorboardX.proto.event_pb2 import Event
+    with M.MetricsWriter(str(tmp_path), resume_step=0) as w:
+        _log_steps(w, range(1, 8))
+    first = glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
+    with M.MetricsWriter(str(tmp_path), resume_step=4) as w:   # same process, same second
+        _log_steps(w, range(5, 9))
+    files = glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
+    assert len(first) == 1 and len(files) == 2
+    events = [Event.FromString(d) for d in read_tfrecords(first[0])]
+    assert sorted({e.step for e in events if e.summary.value}) == list(range(1, 8))
+    second = next(f for f in files if f not in first)
+    events = [Event.FromString(d) for d in read_tfrecords(second)]
+    starts = [e.step for e in events if e.HasField('session_log')]
+    # TensorBoard drops every earlier event at a step >= 5 when it reads this start marker.
+    assert starts == [5]
+    first_scalar = next(i for i, e in enumerate(events) if e.summary.value)
+    assert first_scalar > events.index(next(e for e in events if e.HasField('session_log')))

@@ -292,6 +292,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(
 def test_killing_one_process_stops_the_other_in_bounded_time(shared, tmp_path):
     workdir = str(tmp_path / 'run')
     launch = Launch(_train_cmd(shared, workdir, '--config.train.steps=100000',
+                               '--config.schedule.total_steps=100000',
                                '--config.checkpoint.every_steps=100000'),
                     '--num_processes=2', '--devices_per_process=4', '--timeout_s=300', '--grace_s=120')
     try:

@@ -8,6 +8,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import logging
+
 from pretrain.data.tokenizers import TOKENIZERS
 from pretrain.errors import ConfigError, check_choice
 from pretrain.registry import Registry
@@ -119,6 +121,57 @@ def check_text_dir(text_dir: str) -> None:
         raise ConfigError(f'data.text_dir={text_dir!r} contains no files (or is not a folder).')
 
 
+# A text folder whose sample has more undecodable bytes than this is refused: it is binary data,
+# and a byte-level model would train on it without a word (random bytes: ~40%; Latin-1 prose,
+# which is text in another encoding, stays well below). Above WARN_UNDECODABLE_FRACTION a
+# warning gives the fraction.
+MAX_UNDECODABLE_FRACTION = 0.2
+WARN_UNDECODABLE_FRACTION = 0.01
+_SAMPLE_FILES = 32
+_SAMPLE_BYTES_PER_FILE = 1 << 16
+
+
+def undecodable_fraction(data: bytes) -> float:
+    """Fraction of `data` that is not valid UTF-8 (one replacement per bad byte run, roughly)."""
+    if not data:
+        return 0.0
+    text = data.decode('utf-8', errors='replace')
+    bad = text.count('\ufffd') - data.decode('utf-8', errors='ignore').count('\ufffd')
+    return bad / len(data)
+
+
+def check_text_encoding(text_dir: str, max_files: int = 0) -> float:
+    """Reads a sample (up to 32 files x 64 KiB) of `text_dir` and refuses undecodable data.
+
+    Raises ConfigError naming the folder, the fraction and the worst file when more than
+    MAX_UNDECODABLE_FRACTION of the sampled bytes are not UTF-8; returns the fraction otherwise.
+    A file cut in the middle of a multi-byte character counts as at most one bad run.
+    """
+    files = list_files(text_dir)
+    if max_files > 0:
+        files = files[:max_files]
+    step = max(1, len(files) // _SAMPLE_FILES)
+    total = bad = 0
+    worst = (0.0, '')
+    for rel in files[::step][:_SAMPLE_FILES]:
+        with open(os.path.join(text_dir, rel), 'rb') as f:
+            data = f.read(_SAMPLE_BYTES_PER_FILE)
+        fraction = undecodable_fraction(data)
+        total += len(data)
+        bad += fraction * len(data)
+        worst = max(worst, (fraction, rel))
+    fraction = bad / total if total else 0.0
+    if fraction > MAX_UNDECODABLE_FRACTION:
+        raise ConfigError(
+            f'data.text_dir={text_dir!r}: {100 * fraction:.0f}% of the sampled bytes are not '
+            f'UTF-8 text (most in {worst[1]!r}: {100 * worst[0]:.0f}%); the folder must hold '
+            f'text files (at most {100 * MAX_UNDECODABLE_FRACTION:.0f}% undecodable bytes).')
+    if fraction > WARN_UNDECODABLE_FRACTION:
+        logging.warning('data.text_dir=%r: %.1f%% of the sampled bytes are not UTF-8 (most in %r)',
+                        text_dir, 100 * fraction, worst[1])
+    return fraction
+
+
 def _file_documents(root: str, suffix: str, data_cfg: Any, split: str) -> FileDocuments:
     files = list_files(root, suffix)
     if data_cfg.max_files > 0:
@@ -187,11 +240,13 @@ def check_data_config(data_cfg: Any) -> None:
         raise ConfigError(f'data.max_files={data_cfg.max_files!r} must be >= 0 (0 = all files).')
     if data_cfg.source == 'text_files':
         check_text_dir(data_cfg.text_dir)
+        check_text_encoding(data_cfg.text_dir, data_cfg.max_files)
     if data_cfg.source == 'tfds':
         if not data_cfg.tfds_name:
             raise ConfigError("data.tfds_name is empty; it is required when data.source='tfds'.")
         if data_cfg.tfds_name == LOCAL_TFDS_NAME and data_cfg.text_dir:
             check_text_dir(data_cfg.text_dir)
+            check_text_encoding(data_cfg.text_dir, data_cfg.max_files)
     if data_cfg.tokenizer == 'sentencepiece' and not os.path.isfile(data_cfg.tokenizer_path):
         raise ConfigError(
             f'data.tokenizer_path={data_cfg.tokenizer_path!r}: no such SentencePiece model file.')

@@ -301,3 +301,11 @@ def test_readme_branching_schedules_are_compatible():
     ckpt = c.checkpoint
     assert ckpt.keep_every > 0 and 1000 % ckpt.keep_every == 0
     assert ckpt.keep_every % ckpt.every_steps == 0
+
+
+def test_branch_with_a_derived_warmup_says_which_warmup_to_give():
+    from pretrain import branching
+    parent = spec_from_config(schedule_cfg(kind='constant'), 1e-3, 2000)     # warmup 200
+    child = spec_from_config(schedule_cfg(decay_steps=200), 1e-3, 1200)     # warmup 120
+    with pytest.raises(ConfigError, match='schedule.warmup_steps=200'):
+        branching.check({'schedule': parent.to_dict()}, 'runs/constant', 1000, child, 1200)

@@ -313,36 +313,82 @@ def _ordered(metrics: Mapping[str, Any]) -> list[str]:
     return first + [k for k in metrics if k not in _LEADING]
 
 
+def _groups(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """{'hidden': v, ...} from the 'prefix/<group>' metrics."""
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + '/')}
+
+
+def _all_equal(values: Sequence[float]) -> bool:
+    return all(math.isclose(v, values[0], rel_tol=1e-6, abs_tol=0.0) for v in values)
+
+
+def _rate_parts(metrics: Mapping[str, Any]) -> list[str]:
+    """'lr 3.0e-03' when every LR group agrees (SP), else one value per group; the same for
+    weight decay, which is shown only when its groups differ (µP's per-group rules)."""
+    parts = []
+    lr_groups = _groups(metrics, 'lr')
+    if lr_groups and not _all_equal(list(lr_groups.values())):
+        parts.append('lr ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in lr_groups.items()))
+    elif 'lr' in metrics or lr_groups:
+        parts.append(f'lr {format_value("lr", metrics.get("lr", next(iter(lr_groups.values()), 0.0)))}')
+    wd_groups = _groups(metrics, 'wd')
+    if wd_groups and not _all_equal(list(wd_groups.values())):
+        parts.append('wd ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in wd_groups.items()))
+    return parts
+
+
+def _console_parts(metrics: Mapping[str, Any]) -> list[str]:
+    """The few train metrics a person watches; the rest are in metrics.jsonl / TensorBoard."""
+    parts = []
+    if 'loss' in metrics:
+        parts.append(f'loss {format_value("loss", metrics["loss"])}')
+    if 'tokens_per_s' in metrics:
+        parts.append(f'{format_value("tokens_per_s", metrics["tokens_per_s"])} tok/s')
+    if metrics.get('mfu'):
+        parts.append(f'mfu {format_value("mfu", metrics["mfu"])}')
+    parts += _rate_parts(metrics)
+    if metrics.get('skipped'):
+        parts.append(f'skipped {int(metrics["skipped"])}')
+    return parts
+
+
 def format_metrics(step: int, metrics: Mapping[str, Any], *, total_steps: int = 0,
-                   split: str = 'train', eta_s: float | None = None) -> str:
-    """One log line: 'step 120/500 | loss 2.314 | lr 3.0e-03 | tok/s 3,412 | mfu 31.2% | ...'."""
+                   split: str = 'train', eta_s: float | None = None,
+                   elapsed_s: float | None = None) -> str:
+    """One short console line.
+
+    Train: 'step 120/500 | loss 2.314 | 3,412 tok/s | mfu 31.2% | lr 3.0e-03 | eta 3m07s |
+    elapsed 1m02s' (LR per group only when the groups differ). Other splits show every metric:
+    '[eval] step 200/500 | loss 1.41 | bits_per_byte 2.03'.
+    """
     head = f'step {step}/{total_steps}' if total_steps > 0 else f'step {step}'
     if split != 'train':
-        head = f'[{split}] {head}'
-    parts = [head]
-    for name in _ordered(metrics):
-        value = _to_python(name, metrics[name])
-        parts.append(f'{_LABELS.get(name, name)} {format_value(name, value)}')
+        parts = [f'[{split}] {head}']
+        for name in _ordered(metrics):
+            value = _to_python(name, metrics[name])
+            parts.append(f'{_LABELS.get(name, name)} {format_value(name, value)}')
+        return ' | '.join(parts)
+    values = {name: _to_python(name, v) for name, v in metrics.items()}
+    parts = [head] + _console_parts(values)
     if eta_s is not None:
         parts.append(f'eta {format_duration(eta_s)}')
+    if elapsed_s is not None:
+        parts.append(f'elapsed {format_duration(elapsed_s)}')
     return ' | '.join(parts)
 
 
+_BAR = 20   # characters of the TTY progress bar
+
+
 def _progress_line(step: int, metrics: Mapping[str, Any], total_steps: int,
-                   eta_s: float | None, width: int) -> str:
-    parts = []
+                   eta_s: float | None, width: int, elapsed_s: float | None = None) -> str:
+    line = format_metrics(step, metrics, total_steps=total_steps, eta_s=eta_s,
+                          elapsed_s=elapsed_s)
     if total_steps > 0:
-        filled = min(20, int(20 * step / total_steps))
-        parts.append(f'[{"#" * filled}{"." * (20 - filled)}] {step}/{total_steps}')
-    else:
-        parts.append(f'step {step}')
-    for name in _LEADING:
-        if name != 'lr' and isinstance(metrics.get(name), (int, float)):
-            parts.append(f'{_LABELS.get(name, name)} {format_value(name, metrics[name])}')
-    if eta_s is not None:
-        parts.append(f'eta {format_duration(eta_s)}')
+        filled = min(_BAR, int(_BAR * step / total_steps))
+        line = f'[{"#" * filled}{"." * (_BAR - filled)}] {line[len("step "):]}'
     # A line wider than the terminal wraps, and '\r' would then redraw only its last row.
-    return ' | '.join(parts)[:max(width - 1, 20)]
+    return line[:max(width - 1, 20)]
 
 
 # --- Values -------------------------------------------------------------------------------
@@ -397,8 +443,9 @@ class MetricsWriter:
     """Writes metrics to <workdir>/metrics.jsonl, TensorBoard (<workdir>/tb) and the console.
 
     With active=False (every process but 0 in a multi-host run) every method does nothing and
-    no file is created. `stream` is where progress goes (stderr by default); when it is a TTY
-    the train metrics redraw one line, otherwise they are logged through absl.
+    no file is created. `stream` is where the console lines go (stderr by default): when it is
+    a TTY the train metrics redraw one progress-bar line, otherwise each is a plain line. The
+    console shows a few metrics (`format_metrics`); the files get every one.
     """
 
     def __init__(self, workdir: str, *, active: bool = True, total_steps: int = 0,
@@ -448,40 +495,60 @@ class MetricsWriter:
         self._show(int(step), values, split)
 
     def text(self, msg: str) -> None:
-        """A plain log line; in TTY mode printed above the progress line."""
+        """A plain line; in TTY mode printed above the progress line."""
         if not self.active:
             return
+        self._elapsed()   # the clock of 'elapsed' starts with the first message
         if self._tty:
             self._print_above(msg)
         else:
-            logging.info('%s', msg)
+            self._print(msg)
 
-    def _eta(self, step: int) -> float | None:
-        # Average wall time per step since this writer's first train write, so pauses for eval
-        # and checkpoints (which recur) are included in the estimate.
+    # Set on the first message or write; a class default keeps __init__ to the files.
+    _started: float | None = None
+
+    def _elapsed(self) -> float:
         now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        return now - self._started
+
+    def _eta(self, step: int, values: Mapping[str, Any]) -> float | None:
+        # First write: the interval's own seconds per step (compile excluded by the trainer's
+        # throughput clock). Later: the average wall time per step since the first write, so
+        # pauses for eval and checkpoints (which recur) are included in the estimate.
+        now = time.perf_counter()
+        remaining = max(self.total_steps - step, 0)
         if self._first is None:
             self._first = (step, now)
-            return None
+            per_step = values.get('step_time_s')
+            if self.total_steps <= 0 or not isinstance(per_step, (int, float)) or per_step <= 0:
+                return None
+            return remaining * float(per_step)
         first_step, first_time = self._first
         if self.total_steps <= 0 or step <= first_step:
             return None
-        per_step = (now - first_time) / (step - first_step)
-        return max(self.total_steps - step, 0) * per_step
+        return remaining * (now - first_time) / (step - first_step)
 
     def _show(self, step: int, values: Mapping[str, Any], split: str) -> None:
-        eta = self._eta(step) if split == 'train' else None
-        if not self._tty:
-            logging.info('%s', format_metrics(step, values, total_steps=self.total_steps,
-                                              split=split, eta_s=eta))
-        elif split == 'train':
+        elapsed = self._elapsed()
+        if split != 'train':
+            line = format_metrics(step, values, total_steps=self.total_steps, split=split)
+            self._print_above(line) if self._tty else self._print(line)
+            return
+        eta = self._eta(step, values)
+        if self._tty:
             width = shutil.get_terminal_size().columns
-            self._progress = _progress_line(step, values, self.total_steps, eta, width)
+            self._progress = _progress_line(step, values, self.total_steps, eta, width, elapsed)
             self._stream.write('\r\x1b[K' + self._progress)
             self._stream.flush()
         else:
-            self._print_above(format_metrics(step, values, total_steps=self.total_steps,
-                                             split=split))
+            self._print(format_metrics(step, values, total_steps=self.total_steps, eta_s=eta,
+                                       elapsed_s=elapsed))
+
+    def _print(self, line: str) -> None:
+        self._stream.write(line + '\n')
+        self._stream.flush()
 
     def _print_above(self, line: str) -> None:
         # Clear the progress line, print the message on its own line, then redraw progress.

@@ -258,19 +258,39 @@ def test_tensorboard_scalars_readable(tmp_path):
     assert scalars['eval/loss'] == (10, 1.5)
 
 
-def test_plain_log_line(tmp_path, caplog):
-    caplog.set_level(py_logging.INFO, logger='absl')
-    with M.MetricsWriter(str(tmp_path), total_steps=500, tensorboard=False,
-                         stream=io.StringIO()) as w:
-        w.write(120, {'loss': 2.31412, 'lr': 3e-3, 'tokens_per_s': 3412.4, 'mfu': 0.312,
-                      'grad_norm': 0.5})
-        w.write(120, {'loss': 2.5}, split='eval')
-        w.text('saved checkpoint')
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == ('step 120/500 | loss 2.314 | lr 3.0e-03 | tok/s 3,412 | mfu 31.2% '
-                        '| grad_norm 0.5')
-    assert lines[1] == '[eval] step 120/500 | loss 2.5'
-    assert lines[2] == 'saved checkpoint'
+def test_plain_log_line(tmp_path, monkeypatch):
+    clock = iter([0.0, 5.0, 5.0, 6.0])
+    monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
+    stream = io.StringIO()
+    metrics = {'loss': 2.31412, 'lr': 3e-3, 'tokens_per_s': 3412.4, 'mfu': 0.312,
+               'grad_norm': 0.5, 'step_time_s': 0.25, 'flops_per_s': 1e9, 'tokens': 1e5,
+               'skipped': 0.0, **{f'lr/{g}': 3e-3 for g in ('embedding', 'hidden', 'readout')},
+               **{f'wd/{g}': 3e-4 for g in ('embedding', 'hidden', 'readout')}}
+    with M.MetricsWriter(str(tmp_path), total_steps=500, tensorboard=False, stream=stream) as w:
+        w.text('compiling the train step ...')
+        w.write(120, metrics)
+        w.write(120, {'loss': 2.5, 'bits_per_byte': 1.9}, split='eval')
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == 'compiling the train step ...'
+    # Short: no absl prefix, no grad/param norms, one lr for five equal groups, no wd; the ETA
+    # comes from the first interval's 0.25 s/step x 380 steps left.
+    assert lines[1] == ('step 120/500 | loss 2.314 | 3,412 tok/s | mfu 31.2% | lr 3.0e-03 '
+                        '| eta 1m35s | elapsed 5s')
+    assert lines[2] == '[eval] step 120/500 | loss 2.5 | bits_per_byte 1.9'
+    # Every metric is still in the file.
+    record = M.read_metrics(str(tmp_path / 'metrics.jsonl'))[0]
+    assert set(metrics) <= set(record)
+
+
+def test_console_line_shows_groups_only_when_they_differ():
+    mup = {'loss': 1.0, 'lr': 1e-2, 'lr/hidden': 2.5e-3, 'lr/embedding': 1e-2,
+           'wd/hidden': 1e-4, 'wd/embedding': 1e-4, 'skipped': 2.0}
+    line = M.format_metrics(7, mup, total_steps=10)
+    assert 'lr hidden 2.5e-03 embedding 1.0e-02' in line
+    assert 'wd' not in line                   # equal across groups: only in the files
+    assert 'skipped 2' in line
+    mup['wd/embedding'] = 0.0
+    assert 'wd hidden 1.0e-04 embedding 0.0e+00' in M.format_metrics(7, mup, total_steps=10)
 
 
 def test_format_helpers():
@@ -288,17 +308,19 @@ class FakeTTY(io.StringIO):
 
 
 def test_tty_progress_line(tmp_path, monkeypatch):
-    clock = iter([0.0, 10.0])
+    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
     monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
     monkeypatch.setenv('COLUMNS', '200')   # the line is cut to the terminal width
     stream = FakeTTY()
     with M.MetricsWriter(str(tmp_path), total_steps=100, tensorboard=False, stream=stream) as w:
-        w.write(10, {'loss': 2.0, 'tokens_per_s': 1000.0, 'mfu': 0.5})
-        w.write(20, {'loss': 1.5, 'tokens_per_s': 1000.0, 'mfu': 0.5})
+        w.write(10, {'loss': 2.0, 'tokens_per_s': 1000.0, 'mfu': 0.5, 'step_time_s': 0.5})
+        w.write(20, {'loss': 1.5, 'tokens_per_s': 1000.0, 'mfu': 0.5, 'step_time_s': 1.0})
         w.text('note')
     out = stream.getvalue()
     assert out.count('\r') == 3 and out.endswith('\n')
-    last = out.split('\r\x1b[K')[2]
-    assert last.startswith('[####................] 20/100 | loss 1.5 | tok/s 1,000 | mfu 50.0%')
+    first, last = out.split('\r\x1b[K')[1:3]
+    assert 'eta 45s' in first         # at the first write already: 90 steps x 0.5 s
+    assert last.startswith('[####................] 20/100 | loss 1.5 | 1,000 tok/s | mfu 50.0%')
     assert 'eta 1m20s' in last       # 10 steps took 10 s, 80 to go
+    assert 'elapsed 10s' in last
     assert '\r\x1b[Knote\n' in out

@@ -323,15 +323,16 @@ def _all_equal(values: Sequence[float]) -> bool:
 
 
 def _rate_parts(metrics: Mapping[str, Any]) -> list[str]:
-    """'lr 3.0e-03' when every LR group agrees (SP), else one value per group; the same for
-    weight decay, which is shown only when its groups differ (µP's per-group rules)."""
+    """'lr 3.0e-03' when every LR group agrees (SP), else one value per group; weight decay
+    only when its decayed groups differ (µP's per-group rules)."""
     parts = []
     lr_groups = _groups(metrics, 'lr')
     if lr_groups and not _all_equal(list(lr_groups.values())):
         parts.append('lr ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in lr_groups.items()))
     elif 'lr' in metrics or lr_groups:
         parts.append(f'lr {format_value("lr", metrics.get("lr", next(iter(lr_groups.values()), 0.0)))}')
-    wd_groups = _groups(metrics, 'wd')
+    # Groups without decay (norm gains, biases: 0 by design) do not make the decay differ.
+    wd_groups = {g: v for g, v in _groups(metrics, 'wd').items() if v != 0}
     if wd_groups and not _all_equal(list(wd_groups.values())):
         parts.append('wd ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in wd_groups.items()))
     return parts

@@ -11,7 +11,6 @@ the current step, so restarting resumes there; 1 config error or non-finite loss
 (train.nonfinite_policy='stop'; the message names the step and the last good checkpoint).
 """
 
-import logging
 import math
 import os
 import time
@@ -381,15 +380,9 @@ def _record(cfg, spec: schedules.ScheduleSpec, param_shapes, step: int,
             'param_shapes': param_shapes, 'skipped_steps': skipped, 'lineage': lineage or []}
 
 
-def _quiet_library_info() -> None:
-    """Drops orbax's per-save INFO chatter from the log; its warnings and errors still show."""
-    def keep(record) -> bool:
-        return record.levelno > logging.INFO or f'{os.sep}orbax{os.sep}' not in record.pathname
-    absl_logging.get_absl_handler().addFilter(keep)
-
-
 def main(argv) -> None:
-    _quiet_library_info()
+    from pretrain import logs
+    logs.quiet_libraries()   # library chatter off unless --verbosity is raised
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):

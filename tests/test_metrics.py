@@ -289,8 +289,10 @@ def test_console_line_shows_groups_only_when_they_differ():
     assert 'lr hidden 2.5e-03 embedding 1.0e-02' in line
     assert 'wd' not in line                   # equal across groups: only in the files
     assert 'skipped 2' in line
-    mup['wd/embedding'] = 0.0
-    assert 'wd hidden 1.0e-04 embedding 0.0e+00' in M.format_metrics(7, mup, total_steps=10)
+    mup['wd/vector'] = 0.0                    # not decayed by design: still no wd shown
+    assert 'wd' not in M.format_metrics(7, mup, total_steps=10)
+    mup['wd/embedding'] = 4e-4
+    assert 'wd hidden 1.0e-04 embedding 4.0e-04' in M.format_metrics(7, mup, total_steps=10)
 
 
 def test_format_helpers():

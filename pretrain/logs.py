@@ -19,6 +19,7 @@ PYTHON_NOISE = (
     # orbax overriding retention options of a read-only manager (a branch parent, a stage-1
     # tokenizer, a sampled run): reading never deletes checkpoints anyway.
     'CheckpointManagerOptions.read_only=True, setting',
+    'Given directory is read only=',
 )
 
 # Lines of native (C++) output hidden by launch.local at the default verbosity.

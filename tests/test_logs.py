@@ -32,6 +32,7 @@ def test_known_chatter_is_dropped_and_the_rest_kept(handler):
     logger, stream = handler
     logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
     logger.warning('CheckpointManagerOptions.read_only=True, setting max_to_keep=None.')
+    logger.warning('Given directory is read only=%s', '/runs/var/checkpoints')
     logger.warning('a real warning')
     logger.info('step 10/100 | loss 2.0')
     assert stream.getvalue().splitlines() == ['a real warning', 'step 10/100 | loss 2.0']

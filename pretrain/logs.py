@@ -20,13 +20,17 @@ PYTHON_NOISE = (
     # tokenizer, a sampled run): reading never deletes checkpoints anyway.
     'CheckpointManagerOptions.read_only=True, setting',
     'Given directory is read only=',
+    # jax's own lines about the coordination service; pretrain.distributed logs who joined.
+    'Starting JAX distributed service on',
+    'Connecting to JAX distributed service on',
 )
 
 # Lines of native (C++) output hidden by launch.local at the default verbosity.
 NATIVE_NOISE = (
     # gloo's CPU collectives announcing each rank's connections (launch.local, CPU only).
     # '[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1'
-    re.compile(r'Rank \d+ is connected to \d+ peer ranks'),
+    # Ranks write these from several threads at once, so a line may hold pieces of two.
+    re.compile(r'is connected to \d+ peer ranks'),
 )
 
 

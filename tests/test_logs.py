@@ -33,6 +33,7 @@ def test_known_chatter_is_dropped_and_the_rest_kept(handler):
     logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
     logger.warning('CheckpointManagerOptions.read_only=True, setting max_to_keep=None.')
     logger.warning('Given directory is read only=%s', '/runs/var/checkpoints')
+    logger.info('Connecting to JAX distributed service on 127.0.0.1:1234')
     logger.warning('a real warning')
     logger.info('step 10/100 | loss 2.0')
     assert stream.getvalue().splitlines() == ['a real warning', 'step 10/100 | loss 2.0']
@@ -58,6 +59,11 @@ def test_install_is_idempotent():
 def test_native_noise():
     assert logs.native_noise('[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of '
                              'connected peer ranks is : 1\n')
+    # Two ranks writing at once: pieces of both on one line, the rest on the next.
+    assert logs.native_noise('[Gloo] Rank 0[Gloo] Rank 2 is connected to 7 peer ranks. '
+                             'Expected number of connected peer ranks is : 7')
+    assert logs.native_noise(' is connected to 7 peer ranks. Expected number of connected '
+                             'peer ranks is : 7')
     assert not logs.native_noise('step 10/100 | loss 2.0')
 
 

@@ -9,6 +9,10 @@ def get_config():
     c.data.seq_len = 128
     c.train.update(steps=600, global_batch_size=16, log_every=20, eval_every=200, eval_batches=4)
     c.optim.lr = 3e-3
-    c.schedule.update(kind='wsd', warmup_steps=50, decay_steps=120, decay_shape='1-sqrt')
-    c.checkpoint.update(every_steps=200, keep_last=2)
+    # Warmup and decay follow train.steps (10% and 20%, the defaults), so a short run works;
+    # a sweep or a branch that needs fixed lengths gives schedule.warmup_steps/decay_steps.
+    c.schedule.update(kind='wsd', decay_shape='1-sqrt')
+    # Every checkpoint is kept (keep_every = every_steps, a few MB each): any saved step can
+    # be a branch point (schedule.branch_from=RUN@STEP).
+    c.checkpoint.update(every_steps=200, keep_last=2, keep_every=200)
     return c

@@ -14,6 +14,6 @@ def get_config():
     c.data.image.update(source='digits', image_size=16)
     c.train.update(steps=600, global_batch_size=32, log_every=20, eval_every=200, eval_batches=4)
     c.optim.update(lr=2e-3, weight_decay=0.0)
-    c.schedule.update(kind='wsd', warmup_steps=30, decay_steps=120, decay_shape='1-sqrt')
+    c.schedule.update(kind='wsd', warmup_fraction=0.05, decay_fraction=0.2, decay_shape='1-sqrt')
     c.checkpoint.update(every_steps=200, keep_last=1)
     return c

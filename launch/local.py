@@ -5,7 +5,8 @@ r"""Runs N processes of a command on this machine as one JAX job (simulated CPU 
 
 Each process gets `JAX_PLATFORMS=cpu`, `XLA_FLAGS=--xla_force_host_platform_device_count=K` and
 `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I` appended to the command.
-Output lines are prefixed with `[I]`. SIGINT/SIGTERM are forwarded to the processes. When one
+Output lines are prefixed with `[I]`; known native chatter (gloo's `Rank N is connected`) is
+dropped unless `--verbosity` is 1 or more (pretrain/logs.py lists it). SIGINT/SIGTERM are forwarded to the processes. When one
 fails, the others get `--grace_s` to stop on their own (a JAX job aborts its peers by itself),
 then they are terminated; on `--timeout_s` all are. Only this launcher's children (and their
 process groups) are ever signalled. Exit status: 0 if every process succeeded, else the first
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from pretrain import logs
 
 TIMEOUT_EXIT = 124
 
@@ -55,8 +58,10 @@ class Launcher:
     """Starts the processes, forwards their output and signals, and supervises them."""
 
     def __init__(self, command: Sequence[str], num_processes: int, devices_per_process: int,
-                 timeout_s: float | None = None, grace_s: float = 30.0, port: int | None = None):
+                 timeout_s: float | None = None, grace_s: float = 30.0, port: int | None = None,
+                 verbosity: int = 0):
         self.command = list(command)
+        self.verbosity = verbosity
         self.num_processes = num_processes
         self.devices_per_process = devices_per_process
         self.timeout_s = timeout_s
@@ -74,6 +79,8 @@ class Launcher:
 
     def _forward(self, index: int, stream) -> None:
         for line in iter(stream.readline, b''):
+            if self.verbosity <= 0 and logs.native_noise(line.decode(errors='replace')):
+                continue
             with self._write_lock:
                 sys.stdout.buffer.write(f'[{index}] '.encode() + line)
                 sys.stdout.flush()
@@ -186,6 +193,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument('--grace_s', type=float, default=30.0,
                         help='after a failure, how long the others may take to stop on their own')
     parser.add_argument('--port', type=int, default=None, help='coordinator port (default: a free one)')
+    parser.add_argument('--verbosity', type=int, default=0,
+                        help='1 or more: also forward the chatter hidden by default (the '
+                        "command's own --verbosity governs its Python logs)")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command:
@@ -198,7 +208,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args, command = parse(sys.argv[1:] if argv is None else argv)
     launcher = Launcher(command, args.num_processes, args.devices_per_process,
-                        args.timeout_s, args.grace_s, args.port)
+                        args.timeout_s, args.grace_s, args.port, args.verbosity)
 
     def forward(signum, frame):
         launcher._say(f'received {signal.Signals(signum).name}: forwarding it to the processes')

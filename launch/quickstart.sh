@@ -7,14 +7,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
 stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  # pip's output (setuptools' editable-install banner included) goes to a log, shown on failure.
+  echo "quickstart: installing the package and its dependencies into .venv (a few minutes the first time; log: .venv/install.log) ..."
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -e '.[test]'; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "quickstart: installing failed; the log above is in $log" >&2
+    exit 1
+  fi
   touch "$stamp"
+  echo "quickstart: installed."
 fi
 
 task=${1:-}

@@ -178,7 +178,12 @@ class Embedding(nnx.Module):
                            'embedding', param_dtype)
 
     def __call__(self, tokens_BL: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return jnp.take(self.table[...], tokens_BL, axis=0).astype(dtype)
+        # Gather the fsdp-sharded embed dimension first, as for every weight of a matmul: a
+        # lookup from the sharded table gives rows sharded like the table, which the SPMD
+        # partitioner cannot turn into batch-sharded activations without replicating them
+        # ('[SPMD] Involuntary full rematerialization' under fsdp x tensor meshes).
+        table = constrain(self.table[...], ('vocab', None))
+        return jnp.take(table, tokens_BL, axis=0).astype(dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         return jnp.einsum('bld,vd->blv', x_BLD, self.table[...].astype(x_BLD.dtype))

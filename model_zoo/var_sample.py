@@ -1,6 +1,6 @@
 """VAR sampling: scale by scale with a key/value cache, classifier-free guidance, top-k / top-p.
 
-    python -m model_zoo.var_sample --workdir=runs/var --out=samples.png --per_class=4
+    python -m model_zoo.var_sample --workdir=runs/var --per_class=4   # -> runs/var/samples.png
 
 K scales take K transformer calls (a raster-order model of the same token count needs one call
 per token). Guidance: logits = (1 + t) cond - t uncond, with t = cfg_scale * k / (K - 1)
@@ -8,6 +8,7 @@ rising over the scales.
 """
 
 import functools
+import os
 from collections.abc import Callable
 
 import jax
@@ -120,30 +121,58 @@ def save_grid(images_BHWC, path: str, ncol: int, upscale: int = 4) -> None:
     Image.fromarray(grid).save(path)
 
 
+def default_out(workdir: str) -> str:
+    """Where the grid goes without --out: inside the sampled run's folder."""
+    return os.path.join(workdir, 'samples.png')
+
+
+def describe_steps(patch_nums) -> str:
+    """The sampling cost in words (model calls per image, next-scale vs raster order)."""
+    steps = sampling_steps(patch_nums)
+    return (f'{steps["next_scale"]} model calls per image (one per scale); a raster-order model '
+            f'of the same {steps["raster"]} tokens would need {steps["raster"]}')
+
+
 def main(argv) -> None:
     from absl import flags
 
     from model_zoo import var as var_lib
+    from pretrain import logs
+    from pretrain.errors import ConfigError
 
+    logs.quiet_libraries()
     f = flags.FLAGS
-    model, cfg, step = var_lib.restore_model(f.workdir)
-    tokenizer, _ = var_lib.load_tokenizer(cfg)
+    ckpt_dir = os.path.join(f.workdir, 'checkpoints')
+    try:
+        if not os.path.isdir(ckpt_dir):
+            raise ConfigError(f'--workdir={f.workdir!r} has no checkpoints ({ckpt_dir} does not '
+                              'exist); train a var (stage 2) run there first')
+        model, cfg, step = var_lib.restore_model(f.workdir)
+        if cfg.model.family != 'var':
+            raise ConfigError(f'--workdir={f.workdir!r} is a {cfg.model.family!r} run; sampling '
+                              'needs a var (stage 2) run')
+        tokenizer, _ = var_lib.load_tokenizer(cfg)
+    except ConfigError as e:
+        raise SystemExit(f'var_sample: {e}') from None
+    out = f.out or default_out(f.workdir)
     n = cfg.model.var.num_classes
     labels = jnp.repeat(jnp.arange(n, dtype=jnp.int32), f.per_class)
     images, _ = sample(model, tokenizer, labels, jax.random.PRNGKey(f.seed), cfg_scale=f.cfg_scale,
                        top_k=f.top_k, top_p=f.top_p)
     # One column per class: row r holds the r-th sample of every class.
     order = np.arange(n * f.per_class).reshape(n, f.per_class).T.reshape(-1)
-    save_grid(np.asarray(images)[order], f.out, ncol=n)
-    print(f'{f.out}: {n} classes x {f.per_class} samples from step {step}; '
-          f'{sampling_steps(cfg.model.var.patch_nums)}')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_grid(np.asarray(images)[order], out, ncol=n)
+    print(f'wrote {out}: {n} classes x {f.per_class} samples from step {step}; '
+          f'{describe_steps(cfg.model.var.patch_nums)}')
 
 
 if __name__ == '__main__':
     from absl import app, flags
 
     flags.DEFINE_string('workdir', None, 'A finished var (stage 2) run.', required=True)
-    flags.DEFINE_string('out', 'samples.png', 'PNG grid to write (one column per class).')
+    flags.DEFINE_string('out', '', 'PNG grid to write (one column per class); default: '
+                        'WORKDIR/samples.png.')
     flags.DEFINE_integer('per_class', 4, 'Samples per class.')
     flags.DEFINE_float('cfg_scale', 1.5, 'Classifier-free guidance at the last scale; 0 = off.')
     flags.DEFINE_integer('top_k', 0, 'Keep the k most likely codes (0 = all).')

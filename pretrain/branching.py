@@ -87,5 +87,13 @@ def check(parent: dict[str, Any], parent_run: str, step: int,
         raise ConfigError(f'schedule.branch_from={where!r}: this schedule ({schedules.describe(child)}) '
                           f'gives lr {ours[i]:.6g} at step {i} where the parent used {theirs[i]:.6g}; '
                           'a branch must reproduce the parent up to the branch step (same peak lr '
-                          'and warmup, decay starting at or after it)')
+                          'and warmup, decay starting at or after it)' + _warmup_hint(spec, child))
     return list(parent.get('lineage', [])) + [{'run': parent_run, 'step': step}]
+
+
+def _warmup_hint(parent: schedules.ScheduleSpec, child: schedules.ScheduleSpec) -> str:
+    # The usual cause: a warmup derived from train.steps, which differs between the two runs.
+    if parent.warmup_steps == child.warmup_steps:
+        return ''
+    return (f'. The parent warmed up over {parent.warmup_steps} steps and this run over '
+            f'{child.warmup_steps}: pass --config.schedule.warmup_steps={parent.warmup_steps}')

@@ -108,9 +108,14 @@ def core_config() -> ml_collections.ConfigDict:
 
     c.schedule = dict(
         kind='wsd',                # 'constant' | 'cosine' | 'linear' | 'wsd'
-        warmup_steps=50,
+        # Warmup and WSD decay lengths: a step count or a fraction of total_steps, not both;
+        # -1 = unset. With neither, 10% warmup and 20% decay (schedules.DEFAULT_FRACTIONS). A
+        # fraction is resolved to steps before the run, and checkpoints store the steps.
+        warmup_steps=-1,
+        warmup_fraction=-1.0,
         total_steps=-1,            # -1 = train.steps, resolved to an absolute number
-        decay_steps=100,           # length of the WSD decay phase
+        decay_steps=-1,            # length of the WSD decay phase
+        decay_fraction=-1.0,
         decay_shape='1-sqrt',      # WSD decay: 'linear' | 'cosine' | '1-sqrt'
         min_lr_ratio=0.0,          # floor = lr * min_lr_ratio
         allow_resume_change=False,  # resuming with a schedule unlike the checkpoint's is an error

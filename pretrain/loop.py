@@ -99,6 +99,7 @@ class TrainLoop:
         return metrics
 
     def compile(self, batch) -> None:
+        self.writer.text('compiling the train step ...')
         start = time.perf_counter()
         self.compiled = self.setup.train_step.lower(self.state, batch).compile()
         if self.cfg.train.eval_every:   # also compiled now: processes must not drift apart

@@ -9,10 +9,11 @@ import itertools
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import jax
@@ -22,57 +23,76 @@ from absl import logging
 
 from pretrain.jsonable import jsonable
 
-# Dense (no sparsity) bf16 peak FLOP/s per *JAX device*, keyed by a lowercase substring of
-# `device.device_kind`. Lookup takes the first key found in the kind, so a key that is a
-# substring of another (e.g. 'tpu v5' of 'tpu v5 lite', 'a10' of 'a100', 'l4' of 'l40s') must
-# come after it.
-PEAK_FLOPS: dict[str, float] = {
-    # Google TPU (cloud.google.com/tpu/docs/system-architecture-tpu-vm and per-version pages).
+# Dense (no sparsity) peak FLOP/s per *JAX device* by compute dtype, keyed by a lowercase
+# substring of `device.device_kind`. Lookup takes the first key found in the kind, so a key that
+# is a substring of another (e.g. 'tpu v5' of 'tpu v5 lite', 'a10' of 'a100', 'l4' of 'l40s')
+# must come after it.
+#
+# 'float32' is the peak of the unit float32 matmuls run on under JAX's default precision:
+# on TPU one bfloat16 pass of the MXU (so the bfloat16 peak), on NVIDIA Ampere and later the
+# TF32 tensor cores. Entries without a 'float32' value fall back to 'bfloat16' (and say so).
+#
+# Sources. TPU: Google Cloud TPU system-architecture pages, "peak compute per chip (bf16)":
+# v4 275, v5e 197 (cloud.google.com/tpu/docs/v5e), v5p 459 (/v5p), v6e 918 TFLOP/s (/v6e).
+# NVIDIA datasheets quote tensor peaks with 2:4 sparsity; halved here. A100 SXM/PCIe: BF16 312,
+# TF32 156 (A100 datasheet). H100 SXM: BF16 1,979 and TF32 989 sparse -> 989 / 495 (H100
+# datasheet); H200 SXM has the same GH100 tensor cores and clocks. B200 (HGX, 1,000 W): BF16
+# 4.5 and TF32 2.2 PFLOP/s sparse per GPU -> 2.25e15 / 1.1e15 (HGX B200 datasheet).
+PEAK_FLOPS: dict[str, dict[str, float]] = {
     # v2 and v3 expose each of the chip's two TensorCores as a JAX device, so per device is half
-    # the per-chip number; v4 and v5p are megacore (one device per chip).
-    'tpu v6 lite': 918e12,   # v6e / Trillium, 918 TFLOP/s per chip
-    'tpu v6e': 918e12,
-    'tpu v5 lite': 197e12,   # v5e, 197 TFLOP/s per chip
-    'tpu v5e': 197e12,
-    'tpu v5p': 459e12,
-    'tpu v5': 459e12,        # v5p reports its kind as 'TPU v5'
-    'tpu v4': 275e12,
-    'tpu v3': 61.5e12,       # 123 TFLOP/s per chip, 2 cores
-    'tpu v2': 22.5e12,       # 45 TFLOP/s per chip, 2 cores
-    # NVIDIA (datasheets; the "with sparsity" numbers halved).
-    'gb200': 2.5e15,         # per Blackwell GPU in a GB200 superchip
-    'b200': 2.25e15,         # HGX B200: 18 PFLOP/s sparse per 8 GPUs
-    'b100': 1.75e15,
-    'gh200': 989e12,         # Hopper GPU of the Grace Hopper superchip
-    'h200': 989e12,          # same tensor cores as H100 SXM
-    'h100 pcie': 756e12,
-    'h100 nvl': 835e12,      # 1,671 TFLOP/s sparse per GPU
-    'h100': 989e12,          # SXM ('NVIDIA H100 80GB HBM3'): 1,979 sparse
-    'h800': 989e12,
-    'a100': 312e12,          # SXM and PCIe
-    'a800': 312e12,
-    'l40s': 362e12,          # 733 sparse
-    'l40': 181e12,
-    'nvidia l4': 121e12,     # 242 sparse
-    'a10g': 125e12,          # AWS's A10 variant; AWS publishes no tensor peak, A10 datasheet used
-    'nvidia a10': 125e12,
-    'a6000': 154.8e12,       # RTX A6000, 309.7 sparse
-    'v100s': 130e12,         # Volta has no bf16 tensor cores: fp16 tensor peak
-    'v100-pcie': 112e12,
-    'v100': 125e12,          # SXM2
-    't4': 65e12,             # fp16 tensor peak, no bf16
+    # the per-chip number; v4 and later are one device per chip.
+    'tpu v6 lite': {'bfloat16': 918e12, 'float32': 918e12},   # v6e / Trillium
+    'tpu v6e': {'bfloat16': 918e12, 'float32': 918e12},
+    'tpu v5 lite': {'bfloat16': 197e12, 'float32': 197e12},   # v5e
+    'tpu v5e': {'bfloat16': 197e12, 'float32': 197e12},
+    'tpu v5p': {'bfloat16': 459e12, 'float32': 459e12},
+    'tpu v5': {'bfloat16': 459e12, 'float32': 459e12},        # v5p reports its kind as 'TPU v5'
+    'tpu v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'tpu v3': {'bfloat16': 61.5e12, 'float32': 61.5e12},      # 123 TFLOP/s per chip, 2 cores
+    'tpu v2': {'bfloat16': 22.5e12, 'float32': 22.5e12},      # 45 TFLOP/s per chip, 2 cores
+    'gb200': {'bfloat16': 2.5e15, 'float32': 1.25e15},        # per Blackwell GPU of a GB200
+    'b200': {'bfloat16': 2.25e15, 'float32': 1.1e15},
+    'b100': {'bfloat16': 1.75e15},
+    'gh200': {'bfloat16': 989e12, 'float32': 495e12},         # Hopper GPU of Grace Hopper
+    'h200': {'bfloat16': 989e12, 'float32': 495e12},
+    'h100 pcie': {'bfloat16': 756e12, 'float32': 378e12},
+    'h100 nvl': {'bfloat16': 835e12},                         # 1,671 sparse per GPU
+    'h100': {'bfloat16': 989e12, 'float32': 495e12},          # SXM ('NVIDIA H100 80GB HBM3')
+    'h800': {'bfloat16': 989e12, 'float32': 495e12},
+    'a100': {'bfloat16': 312e12, 'float32': 156e12},          # SXM and PCIe
+    'a800': {'bfloat16': 312e12, 'float32': 156e12},
+    'l40s': {'bfloat16': 362e12},                             # 733 sparse
+    'l40': {'bfloat16': 181e12},
+    'nvidia l4': {'bfloat16': 121e12},                        # 242 sparse
+    'a10g': {'bfloat16': 125e12},        # AWS's A10 variant: A10 datasheet (AWS publishes none)
+    'nvidia a10': {'bfloat16': 125e12},
+    'a6000': {'bfloat16': 154.8e12},                          # RTX A6000, 309.7 sparse
+    'v100s': {'bfloat16': 130e12},       # Volta has no bf16 tensor cores: fp16 tensor peak
+    'v100-pcie': {'bfloat16': 112e12},
+    'v100': {'bfloat16': 125e12},                             # SXM2
+    't4': {'bfloat16': 65e12},                                # fp16 tensor peak, no bf16
     # AMD (Instinct datasheets).
-    'mi300x': 1307.4e12,
-    'mi325x': 1307.4e12,
+    'mi300x': {'bfloat16': 1307.4e12},
+    'mi325x': {'bfloat16': 1307.4e12},
 }
+DTYPE_NAMES = ('bfloat16', 'float32')
 
 
-def lookup_peak_flops(device_kind: str) -> tuple[float, str] | None:
-    """The table entry whose key occurs in `device_kind` first, as (flops, key); None if none."""
-    kind = device_kind.lower()
-    for key, flops in PEAK_FLOPS.items():
+def _dtype_name(dtype: Any) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in DTYPE_NAMES:
+        raise ValueError(f'no peak FLOP/s for dtype {name!r}; known: {DTYPE_NAMES}')
+    return name
+
+
+def lookup_peak_flops(device_kind: str, dtype: Any = 'bfloat16') -> tuple[float, str] | None:
+    """The table's peak for `device_kind` and `dtype` as (flops, 'key dtype'); None if unknown."""
+    kind, name = device_kind.lower(), _dtype_name(dtype)
+    for key, peaks in PEAK_FLOPS.items():
         if key in kind:
-            return flops, key
+            if name in peaks:
+                return peaks[name], f'{key} {name}'
+            return peaks['bfloat16'], f'{key} bfloat16 (no {name} entry)'
     return None
 
 
@@ -93,42 +113,124 @@ def measure_matmul_flops(n: int = 2048, dtype: Any = jnp.float32, repeats: int =
     return 2.0 * n ** 3 / max(best, 1e-12)
 
 
+# --- Measured CPU peak, cached ------------------------------------------------------------
+# A matmul timed at every start-up swings with the machine's load (2.2e10 to 8.2e10 FLOP/s
+# between runs on one 2-core host), and MFU with it. So a CPU is measured once, on its first
+# run, and the number is kept in a small JSON file keyed by CPU model, core count and dtype.
+
+PEAK_CACHE_ENV = 'PRETRAIN_PEAK_FLOPS_CACHE'   # path of the JSON file, overriding the default
+
+
+def peak_cache_path() -> str:
+    """$PRETRAIN_PEAK_FLOPS_CACHE, else <user cache dir>/pretrain/peak_flops.json."""
+    override = os.environ.get(PEAK_CACHE_ENV)
+    if override:
+        return override
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'pretrain', 'peak_flops.json')
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.lower().startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown cpu'
+
+
+def _cache_key(dtype_name: str) -> str:
+    return f'{cpu_model()} | {os.cpu_count()} cores | {dtype_name}'
+
+
+def _read_cache(path: str) -> dict[str, float]:
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}   # absent or unreadable: measure again and rewrite it
+    return data if isinstance(data, dict) else {}
+
+
+def cached_cpu_peak(dtype: Any = jnp.float32,
+                    measure: Callable[[Any], float] | None = None) -> tuple[float, str]:
+    """This CPU's matmul peak for `dtype`, measured on the first call ever and then read back.
+
+    Returns (flops, where from). `measure(dtype)` times the matmul (default: the best of 10
+    2048×2048 matmuls on the first CPU device); a cache that cannot be written only costs a
+    new measurement next time.
+    """
+    name = _dtype_name(dtype)
+    path, key = peak_cache_path(), _cache_key(name)
+    cache = _read_cache(path)
+    value = cache.get(key)
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value), f'measured {name} matmul, cached in {path}'
+    if measure is None:
+        measure = lambda d: measure_matmul_flops(dtype=d, repeats=10,   # noqa: E731
+                                                 device=jax.devices('cpu')[0])
+    flops = float(measure(jnp.dtype(name)))
+    cache[key] = flops
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)   # atomic: a concurrent reader sees the old or the new file
+        where = f'measured {name} matmul, saved to {path}'
+    except OSError as e:
+        where = f'measured {name} matmul (not cached: {e.strerror})'
+    return flops, where
+
+
 @functools.cache
-def _measured_peak(platform: str, device_kind: str) -> float:
-    # Keyed by (platform, kind) rather than the device so that the 8 simulated CPU devices, or
-    # many unknown accelerators of one kind, share a single measurement per process.
-    device = next(d for d in jax.devices(platform) if d.device_kind == device_kind)
-    # CPUs run bf16 matmuls slowly (no native support), so measure what CPU runs use.
-    dtype = jnp.float32 if platform == 'cpu' else jnp.bfloat16
-    return measure_matmul_flops(dtype=dtype, device=device)
+def _measured_peak(platform_name: str, device_kind: str, dtype_name: str) -> float:
+    # An unknown accelerator: measured once per process and kind (not cached on disk: the
+    # table is the place for accelerators).
+    device = next(d for d in jax.devices(platform_name) if d.device_kind == device_kind)
+    return measure_matmul_flops(dtype=dtype_name, device=device)
 
 
-def peak_flops(device: jax.Device, override: float = 0.0) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the number came from."""
+def _default_dtype(device: jax.Device) -> str:
+    # CPUs run bf16 matmuls slowly (no native support), so CPU runs are usually float32.
+    return 'float32' if device.platform == 'cpu' else 'bfloat16'
+
+
+def peak_flops(device: jax.Device, override: float = 0.0,
+               dtype: Any = None) -> tuple[float, str]:
+    """Peak FLOP/s of one device for `dtype` (the model's compute dtype) and its source.
+
+    dtype None: bfloat16 on accelerators, float32 on CPU.
+    """
     if override > 0:
-        return float(override), 'config'
-    found = lookup_peak_flops(device.device_kind)
-    if found is not None and device.platform != 'cpu':
-        return found[0], f'table: {found[1]}'
-    flops = _measured_peak(device.platform, device.device_kind)
+        return float(override), 'config metrics.peak_flops_per_device'
+    name = _dtype_name(dtype) if dtype is not None else _default_dtype(device)
     if device.platform == 'cpu':
-        return flops, 'measured matmul'
-    # A measured bf16 matmul is below the datasheet peak, so MFU here reads high.
-    return flops, f'measured matmul (unknown accelerator {device.device_kind!r})'
+        return cached_cpu_peak(name)
+    found = lookup_peak_flops(device.device_kind, name)
+    if found is not None:
+        return found[0], f'published peak: {found[1]}'
+    flops = _measured_peak(device.platform, device.device_kind, name)
+    # A measured matmul is below the datasheet peak, so MFU here reads high.
+    return flops, f'measured {name} matmul (unknown accelerator {device.device_kind!r})'
 
 
-def total_peak_flops(devices: Sequence[jax.Device], override: float = 0.0) -> tuple[float, str]:
+def total_peak_flops(devices: Sequence[jax.Device], override: float = 0.0,
+                     dtype: Any = None) -> tuple[float, str]:
     """Peak FLOP/s of all `devices` together and where the number came from."""
     if not devices:
         raise ValueError('total_peak_flops needs at least one device.')
-    per_device, source = peak_flops(devices[0], override)
+    per_device, source = peak_flops(devices[0], override, dtype)
     if devices[0].platform == 'cpu' and override <= 0:
         # Simulated CPU devices (--xla_force_host_platform_device_count) all run on the same
         # physical cores, and XLA's CPU matmul already uses every core, so the single-device
         # measurement is the whole host's peak; multiplying by the device count would
         # understate MFU by that factor.
         return per_device, source
-    return per_device * len(devices), source
+    return per_device * len(devices), f'{source}, x{len(devices)} devices'
 
 
 def mfu(flops_per_s: float, peak_total: float) -> float:
@@ -214,36 +316,83 @@ def _ordered(metrics: Mapping[str, Any]) -> list[str]:
     return first + [k for k in metrics if k not in _LEADING]
 
 
+def _groups(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """{'hidden': v, ...} from the 'prefix/<group>' metrics."""
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + '/')}
+
+
+def _all_equal(values: Sequence[float]) -> bool:
+    return all(math.isclose(v, values[0], rel_tol=1e-6, abs_tol=0.0) for v in values)
+
+
+def _rate_parts(metrics: Mapping[str, Any]) -> list[str]:
+    """'lr 3.0e-03' when every LR group agrees (SP), else one value per group; weight decay
+    only when its decayed groups differ (µP's per-group rules)."""
+    parts = []
+    lr_groups = _groups(metrics, 'lr')
+    if lr_groups and not _all_equal(list(lr_groups.values())):
+        parts.append('lr ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in lr_groups.items()))
+    elif 'lr' in metrics or lr_groups:
+        parts.append(f'lr {format_value("lr", metrics.get("lr", next(iter(lr_groups.values()), 0.0)))}')
+    # Groups without decay (norm gains, biases: 0 by design) do not make the decay differ.
+    wd_groups = {g: v for g, v in _groups(metrics, 'wd').items() if v != 0}
+    if wd_groups and not _all_equal(list(wd_groups.values())):
+        parts.append('wd ' + ' '.join(f'{g} {format_value("lr", v)}' for g, v in wd_groups.items()))
+    return parts
+
+
+def _console_parts(metrics: Mapping[str, Any]) -> list[str]:
+    """The few train metrics a person watches; the rest are in metrics.jsonl / TensorBoard."""
+    parts = []
+    if 'loss' in metrics:
+        parts.append(f'loss {format_value("loss", metrics["loss"])}')
+    if 'tokens_per_s' in metrics:
+        parts.append(f'{format_value("tokens_per_s", metrics["tokens_per_s"])} tok/s')
+    if metrics.get('mfu'):
+        parts.append(f'mfu {format_value("mfu", metrics["mfu"])}')
+    parts += _rate_parts(metrics)
+    if metrics.get('skipped'):
+        parts.append(f'skipped {int(metrics["skipped"])}')
+    return parts
+
+
 def format_metrics(step: int, metrics: Mapping[str, Any], *, total_steps: int = 0,
-                   split: str = 'train', eta_s: float | None = None) -> str:
-    """One log line: 'step 120/500 | loss 2.314 | lr 3.0e-03 | tok/s 3,412 | mfu 31.2% | ...'."""
+                   split: str = 'train', eta_s: float | None = None,
+                   elapsed_s: float | None = None) -> str:
+    """One short console line.
+
+    Train: 'step 120/500 | loss 2.314 | 3,412 tok/s | mfu 31.2% | lr 3.0e-03 | eta 3m07s |
+    elapsed 1m02s' (LR per group only when the groups differ). Other splits show every metric:
+    '[eval] step 200/500 | loss 1.41 | bits_per_byte 2.03'.
+    """
     head = f'step {step}/{total_steps}' if total_steps > 0 else f'step {step}'
     if split != 'train':
-        head = f'[{split}] {head}'
-    parts = [head]
-    for name in _ordered(metrics):
-        value = _to_python(name, metrics[name])
-        parts.append(f'{_LABELS.get(name, name)} {format_value(name, value)}')
+        parts = [f'[{split}] {head}']
+        for name in _ordered(metrics):
+            value = _to_python(name, metrics[name])
+            parts.append(f'{_LABELS.get(name, name)} {format_value(name, value)}')
+        return ' | '.join(parts)
+    values = {name: _to_python(name, v) for name, v in metrics.items()}
+    parts = [head] + _console_parts(values)
     if eta_s is not None:
         parts.append(f'eta {format_duration(eta_s)}')
+    if elapsed_s is not None:
+        parts.append(f'elapsed {format_duration(elapsed_s)}')
     return ' | '.join(parts)
 
 
+_BAR = 20   # characters of the TTY progress bar
+
+
 def _progress_line(step: int, metrics: Mapping[str, Any], total_steps: int,
-                   eta_s: float | None, width: int) -> str:
-    parts = []
+                   eta_s: float | None, width: int, elapsed_s: float | None = None) -> str:
+    line = format_metrics(step, metrics, total_steps=total_steps, eta_s=eta_s,
+                          elapsed_s=elapsed_s)
     if total_steps > 0:
-        filled = min(20, int(20 * step / total_steps))
-        parts.append(f'[{"#" * filled}{"." * (20 - filled)}] {step}/{total_steps}')
-    else:
-        parts.append(f'step {step}')
-    for name in _LEADING:
-        if name != 'lr' and isinstance(metrics.get(name), (int, float)):
-            parts.append(f'{_LABELS.get(name, name)} {format_value(name, metrics[name])}')
-    if eta_s is not None:
-        parts.append(f'eta {format_duration(eta_s)}')
+        filled = min(_BAR, int(_BAR * step / total_steps))
+        line = f'[{"#" * filled}{"." * (_BAR - filled)}] {line[len("step "):]}'
     # A line wider than the terminal wraps, and '\r' would then redraw only its last row.
-    return ' | '.join(parts)[:max(width - 1, 20)]
+    return line[:max(width - 1, 20)]
 
 
 # --- Values -------------------------------------------------------------------------------
@@ -350,8 +499,9 @@ class MetricsWriter:
     """Writes metrics to <workdir>/metrics.jsonl, TensorBoard (<workdir>/tb) and the console.
 
     With active=False (every process but 0 in a multi-host run) every method does nothing and
-    no file is created. `stream` is where progress goes (stderr by default); when it is a TTY
-    the train metrics redraw one line, otherwise they are logged through absl.
+    no file is created. `stream` is where the console lines go (stderr by default): when it is
+    a TTY the train metrics redraw one progress-bar line, otherwise each is a plain line. The
+    console shows a few metrics (`format_metrics`); the files get every one.
     """
 
     def __init__(self, workdir: str, *, active: bool = True, total_steps: int = 0,
@@ -411,40 +561,60 @@ class MetricsWriter:
         self._show(int(step), values, split)
 
     def text(self, msg: str) -> None:
-        """A plain log line; in TTY mode printed above the progress line."""
+        """A plain line; in TTY mode printed above the progress line."""
         if not self.active:
             return
+        self._elapsed()   # the clock of 'elapsed' starts with the first message
         if self._tty:
             self._print_above(msg)
         else:
-            logging.info('%s', msg)
+            self._print(msg)
 
-    def _eta(self, step: int) -> float | None:
-        # Average wall time per step since this writer's first train write, so pauses for eval
-        # and checkpoints (which recur) are included in the estimate.
+    # Set on the first message or write; a class default keeps __init__ to the files.
+    _started: float | None = None
+
+    def _elapsed(self) -> float:
         now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+        return now - self._started
+
+    def _eta(self, step: int, values: Mapping[str, Any]) -> float | None:
+        # First write: the interval's own seconds per step (compile excluded by the trainer's
+        # throughput clock). Later: the average wall time per step since the first write, so
+        # pauses for eval and checkpoints (which recur) are included in the estimate.
+        now = time.perf_counter()
+        remaining = max(self.total_steps - step, 0)
         if self._first is None:
             self._first = (step, now)
-            return None
+            per_step = values.get('step_time_s')
+            if self.total_steps <= 0 or not isinstance(per_step, (int, float)) or per_step <= 0:
+                return None
+            return remaining * float(per_step)
         first_step, first_time = self._first
         if self.total_steps <= 0 or step <= first_step:
             return None
-        per_step = (now - first_time) / (step - first_step)
-        return max(self.total_steps - step, 0) * per_step
+        return remaining * (now - first_time) / (step - first_step)
 
     def _show(self, step: int, values: Mapping[str, Any], split: str) -> None:
-        eta = self._eta(step) if split == 'train' else None
-        if not self._tty:
-            logging.info('%s', format_metrics(step, values, total_steps=self.total_steps,
-                                              split=split, eta_s=eta))
-        elif split == 'train':
+        elapsed = self._elapsed()
+        if split != 'train':
+            line = format_metrics(step, values, total_steps=self.total_steps, split=split)
+            self._print_above(line) if self._tty else self._print(line)
+            return
+        eta = self._eta(step, values)
+        if self._tty:
             width = shutil.get_terminal_size().columns
-            self._progress = _progress_line(step, values, self.total_steps, eta, width)
+            self._progress = _progress_line(step, values, self.total_steps, eta, width, elapsed)
             self._stream.write('\r\x1b[K' + self._progress)
             self._stream.flush()
         else:
-            self._print_above(format_metrics(step, values, total_steps=self.total_steps,
-                                             split=split))
+            self._print(format_metrics(step, values, total_steps=self.total_steps, eta_s=eta,
+                                       elapsed_s=elapsed))
+
+    def _print(self, line: str) -> None:
+        self._stream.write(line + '\n')
+        self._stream.flush()
 
     def _print_above(self, line: str) -> None:
         # Clear the progress line, print the message on its own line, then redraw progress.

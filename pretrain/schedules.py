@@ -12,8 +12,11 @@ Decay convention: the decay starts at `decay_start` with lr = peak and reaches t
 (peak * min_lr_ratio) at step = total_steps; later steps stay at the floor. Symmetric with the
 warmup, the last update of a run of total_steps updates (step total_steps - 1) is just above it.
 
-Steps are absolute, never fractions of the run: a fraction would make a branch or an extension
-of the run change the LR of steps already taken.
+A spec holds absolute steps, never fractions of the run: a fraction would make a branch or an
+extension of the run change the LR of steps already taken. The config may still give the warmup
+and decay lengths as fractions of the run (`schedule.warmup_fraction`, `schedule.decay_fraction`)
+or leave them unset (DEFAULT_FRACTIONS); `resolve_lengths` turns them into step counts before
+the spec is built, so checkpoints, resume checks and branches only ever see absolute steps.
 """
 
 import dataclasses
@@ -200,8 +203,52 @@ def make_schedule(spec: ScheduleSpec) -> Callable[[jax.Array | int], jax.Array]:
     return schedule
 
 
+# Lengths used when neither a count nor a fraction is given, as fractions of total_steps.
+DEFAULT_FRACTIONS = {'warmup': 0.1, 'decay': 0.2}
+UNSET = -1   # the config value of a count or fraction that is not given
+
+
+def _is_unset(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == UNSET
+
+
+def resolve_length(schedule_cfg: Any, phase: str, total_steps: int) -> tuple[int, str]:
+    """The `phase` ('warmup' or 'decay') length in steps and a phrase saying where it came from.
+
+    `schedule.<phase>_steps` (a count) and `schedule.<phase>_fraction` (of total_steps) are
+    exclusive; with neither, DEFAULT_FRACTIONS applies. A fraction rounds half up, and a
+    non-zero decay fraction gives at least one step (a tiny WSD run still decays).
+    """
+    count_key, fraction_key = f'{phase}_steps', f'{phase}_fraction'
+    count = schedule_cfg.get(count_key, UNSET)
+    fraction = schedule_cfg.get(fraction_key, UNSET)
+    if not _is_unset(count) and not _is_unset(fraction):
+        raise ConfigError(
+            f'schedule.{count_key}={count!r} and schedule.{fraction_key}={fraction!r} are both '
+            f'given; set one of them (the other to -1, unset).')
+    if not _is_unset(count):
+        steps = _as_steps(f'schedule.{count_key}', count)
+        return steps, f'schedule.{count_key}={steps}'
+    source = f'schedule.{fraction_key}={fraction!r}'
+    if _is_unset(fraction):
+        fraction = DEFAULT_FRACTIONS[phase]
+        source = f'the default {phase} fraction {fraction}'
+    fraction = _as_float(f'schedule.{fraction_key}', fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f'schedule.{fraction_key}={fraction!r} is out of range; it must be in '
+                          f'[0, 1] (a fraction of total_steps), or -1 for unset.')
+    steps = math.floor(fraction * total_steps + 0.5)
+    if phase == 'decay' and fraction > 0 and total_steps > 0:
+        steps = max(steps, 1)
+    return steps, f'{source} ({steps} of {total_steps} steps)'
+
+
 def spec_from_config(schedule_cfg: Any, lr: float, train_steps: int) -> ScheduleSpec:
-    """Builds a validated spec from `config.schedule`, `optim.lr` and `train.steps`."""
+    """Builds a validated spec from `config.schedule`, `optim.lr` and `train.steps`.
+
+    Every length is made an absolute step count here (`resolve_length`); errors about a
+    length derived from a fraction name the fraction.
+    """
     get = lambda key, default: schedule_cfg.get(key, default)
     total = get('total_steps', -1)
     if total == -1:
@@ -209,12 +256,24 @@ def spec_from_config(schedule_cfg: Any, lr: float, train_steps: int) -> Schedule
     elif isinstance(total, (int, float)) and not isinstance(total, bool) and total < 0:
         raise ConfigError(f'schedule.total_steps={total!r} is negative; use an integer >= 0, '
                           f'or -1 for train.steps.')
+    total = _as_steps('schedule.total_steps', total)
+    kind = get('kind', 'constant')
+    warmup, warmup_source = resolve_length(schedule_cfg, 'warmup', total)
+    decay, decay_source = resolve_length(schedule_cfg, 'decay', total)
+    derived = 'fraction' in warmup_source or 'fraction' in decay_source
+    if derived and warmup > total:
+        raise ConfigError(f'the warmup, {warmup_source}, is longer than the run '
+                          f'({total} steps).')
+    if derived and kind == 'wsd' and warmup + decay > total:
+        raise ConfigError(
+            f'the warmup, {warmup_source}, and the decay, {decay_source}, add up to more than '
+            f'the run ({total} steps); lower one of them.')
     return ScheduleSpec(
-        kind=get('kind', 'constant'),
+        kind=kind,
         peak=lr,
-        warmup_steps=get('warmup_steps', 0),
+        warmup_steps=warmup,
         total_steps=total,
-        decay_steps=get('decay_steps', 0),
+        decay_steps=decay,
         decay_shape=get('decay_shape', 'linear'),
         min_lr_ratio=get('min_lr_ratio', 0.0),
     )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from pretrain import logs
 from pretrain.study.runner import EXECUTORS, SweepOptions, run_sweep
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py).', required=True)
@@ -45,6 +46,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logs.quiet_libraries()
     return run_sweep(SweepOptions(
         sweep=_SWEEP.value, workdir=_WORKDIR.value, dry_run=_DRY_RUN.value,
         executor=_EXECUTOR.value, parallel=_PARALLEL.value, shard=_SHARD.value, run=_RUN.value,

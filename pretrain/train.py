@@ -15,7 +15,6 @@ if __name__ == '__main__':   # first: SIGTERM/SIGINT while importing or parsing 
     from pretrain import startup_signals
     startup_signals.install()
 
-import logging
 import os
 from typing import Any
 
@@ -33,6 +32,7 @@ from pretrain import config as config_lib
 from pretrain import data as data_lib
 from pretrain import distributed, preemption
 from pretrain import dry_run as dry_run_lib
+from pretrain import logs
 from pretrain import loop as loop_lib
 from pretrain import metrics as metrics_lib
 from pretrain import schedules
@@ -80,7 +80,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = pipeline.train_iterator()
     # Measured outside the mesh context: a CPU peak is a single-device matmul.
-    peak, peak_source = metrics_lib.total_peak_flops(devices, cfg.metrics.peak_flops_per_device)
+    peak, peak_source = metrics_lib.total_peak_flops(devices, cfg.metrics.peak_flops_per_device,
+                                                     dtype=cfg.model.compute_dtype)
     with setup.activate():
         started = start.state(setup, checkpointer, data_iter, log=absl_logging.warning)
         # Opened at the step the run continues from: rows logged after it by an earlier attempt
@@ -103,15 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         return loop.run()                                                # loop -> result
 
 
-def _quiet_library_info() -> None:
-    """Drops orbax's per-save INFO chatter from the log; its warnings and errors still show."""
-    def keep(record) -> bool:
-        return record.levelno > logging.INFO or f'{os.sep}orbax{os.sep}' not in record.pathname
-    absl_logging.get_absl_handler().addFilter(keep)
-
-
 def main(argv) -> None:
-    _quiet_library_info()
+    logs.quiet_libraries()   # library chatter off unless --verbosity is raised
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if _CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):

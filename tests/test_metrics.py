@@ -3,7 +3,6 @@
 import glob
 import io
 import json
-import logging as py_logging
 import math
 import os
 import struct
@@ -42,7 +41,32 @@ def fake_device(kind: str, platform: str = 'gpu') -> SimpleNamespace:
 ])
 def test_table_lookup(kind, flops, key):
     platform = 'tpu' if kind.startswith('TPU') else 'gpu'
-    assert M.peak_flops(fake_device(kind, platform)) == (flops, f'table: {key}')
+    assert M.peak_flops(fake_device(kind, platform)) == (flops, f'published peak: {key} bfloat16')
+
+
+@pytest.mark.parametrize('kind, platform, bf16, fp32', [
+    ('TPU v4', 'tpu', 275e12, 275e12),           # float32 runs as one bf16 MXU pass
+    ('TPU v5 lite', 'tpu', 197e12, 197e12),
+    ('TPU v5p', 'tpu', 459e12, 459e12),
+    ('TPU v6e', 'tpu', 918e12, 918e12),
+    ('NVIDIA A100-SXM4-40GB', 'gpu', 312e12, 156e12),   # float32 on TF32 tensor cores
+    ('NVIDIA H100 80GB HBM3', 'gpu', 989e12, 495e12),
+    ('NVIDIA H200', 'gpu', 989e12, 495e12),
+    ('NVIDIA B200', 'gpu', 2.25e15, 1.1e15),
+])
+def test_table_has_both_dtypes_for_the_main_accelerators(kind, platform, bf16, fp32):
+    device = fake_device(kind, platform)
+    assert M.peak_flops(device, dtype='bfloat16')[0] == bf16
+    assert M.peak_flops(device, dtype=jnp.bfloat16)[0] == bf16
+    flops, source = M.peak_flops(device, dtype='float32')
+    assert flops == fp32 and 'float32' in source and 'no float32' not in source
+
+
+def test_table_without_the_dtype_says_so():
+    flops, source = M.peak_flops(fake_device('NVIDIA L4'), dtype='float32')
+    assert flops == 121e12 and 'no float32 entry' in source
+    with pytest.raises(ValueError, match='float16'):
+        M.peak_flops(fake_device('NVIDIA L4'), dtype='float16')
 
 
 def test_table_prefers_the_most_specific_key():
@@ -54,24 +78,67 @@ def test_table_prefers_the_most_specific_key():
 
 
 def test_override_wins():
-    assert M.peak_flops(fake_device('NVIDIA H100 80GB HBM3'), 123.0) == (123.0, 'config')
-    assert M.peak_flops(jax.devices()[0], 5e9) == (5e9, 'config')
-    assert M.total_peak_flops([fake_device('TPU v4', 'tpu')] * 4, 1e12) == (4e12, 'config')
+    source = 'config metrics.peak_flops_per_device'
+    assert M.peak_flops(fake_device('NVIDIA H100 80GB HBM3'), 123.0) == (123.0, source)
+    assert M.peak_flops(jax.devices()[0], 5e9) == (5e9, source)
+    assert M.total_peak_flops([fake_device('TPU v4', 'tpu')] * 4, 1e12) == (
+        4e12, f'{source}, x4 devices')
 
 
 def test_total_peak_multiplies_accelerators():
     devices = [fake_device('TPU v5 lite', 'tpu')] * 8
-    assert M.total_peak_flops(devices) == (8 * 197e12, 'table: tpu v5 lite')
+    assert M.total_peak_flops(devices) == (
+        8 * 197e12, 'published peak: tpu v5 lite bfloat16, x8 devices')
 
 
-def test_measured_cpu_peak_is_plausible_and_not_multiplied():
+@pytest.fixture
+def peak_cache(tmp_path, monkeypatch):
+    path = tmp_path / 'cache' / 'peak_flops.json'
+    monkeypatch.setenv(M.PEAK_CACHE_ENV, str(path))
+    return path
+
+
+def test_cpu_peak_is_measured_once_and_cached(peak_cache):
+    calls = []
+
+    def measure(dtype):
+        calls.append(jnp.dtype(dtype).name)
+        return 4.2e10 + len(calls)      # a second measurement would differ
+
+    first = M.cached_cpu_peak('float32', measure=measure)
+    assert first[0] == 4.2e10 + 1 and 'saved to' in first[1] and str(peak_cache) in first[1]
+    again = M.cached_cpu_peak('float32', measure=measure)
+    assert again[0] == first[0] and 'cached in' in again[1]
+    assert calls == ['float32']
+    M.cached_cpu_peak('bfloat16', measure=measure)      # another dtype is another entry
+    assert calls == ['float32', 'bfloat16']
+    stored = json.load(open(peak_cache))
+    assert len(stored) == 2 and all(M.cpu_model() in key for key in stored)
+    assert any(key.endswith('| float32') for key in stored)
+
+
+def test_cpu_peak_cache_survives_a_broken_file(peak_cache):
+    peak_cache.parent.mkdir(parents=True)
+    peak_cache.write_text('{not json')
+    flops, source = M.cached_cpu_peak('float32', measure=lambda d: 3e10)
+    assert flops == 3e10 and 'saved to' in source
+    assert M.cached_cpu_peak('float32', measure=lambda d: 9e10)[0] == 3e10
+
+
+def test_cpu_peak_default_location_is_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(M.PEAK_CACHE_ENV, raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    assert M.peak_cache_path() == os.path.join(str(tmp_path), 'pretrain', 'peak_flops.json')
+
+
+def test_measured_cpu_peak_is_plausible_and_not_multiplied(peak_cache):
     cpu = jax.devices('cpu')[0]
     flops, source = M.peak_flops(cpu)
-    assert source == 'measured matmul'
+    assert 'measured float32 matmul' in source
     assert flops > 1e8
     # Simulated CPU devices share the host's cores: the total is the one measurement.
-    assert M.total_peak_flops([cpu] * 8) == (flops, source)
-    assert M.peak_flops(cpu) == (flops, source)   # cached, not re-measured
+    assert M.total_peak_flops([cpu] * 8)[0] == flops
+    assert M.peak_flops(cpu)[0] == flops   # cached, not re-measured
 
 
 def test_measure_matmul_flops_small():
@@ -190,19 +257,41 @@ def test_tensorboard_scalars_readable(tmp_path):
     assert scalars['eval/loss'] == (10, 1.5)
 
 
-def test_plain_log_line(tmp_path, caplog):
-    caplog.set_level(py_logging.INFO, logger='absl')
-    with M.MetricsWriter(str(tmp_path), total_steps=500, tensorboard=False,
-                         stream=io.StringIO()) as w:
-        w.write(120, {'loss': 2.31412, 'lr': 3e-3, 'tokens_per_s': 3412.4, 'mfu': 0.312,
-                      'grad_norm': 0.5})
-        w.write(120, {'loss': 2.5}, split='eval')
-        w.text('saved checkpoint')
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == ('step 120/500 | loss 2.314 | lr 3.0e-03 | tok/s 3,412 | mfu 31.2% '
-                        '| grad_norm 0.5')
-    assert lines[1] == '[eval] step 120/500 | loss 2.5'
-    assert lines[2] == 'saved checkpoint'
+def test_plain_log_line(tmp_path, monkeypatch):
+    clock = iter([0.0, 5.0, 5.0, 6.0])
+    monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
+    stream = io.StringIO()
+    metrics = {'loss': 2.31412, 'lr': 3e-3, 'tokens_per_s': 3412.4, 'mfu': 0.312,
+               'grad_norm': 0.5, 'step_time_s': 0.25, 'flops_per_s': 1e9, 'tokens': 1e5,
+               'skipped': 0.0, **{f'lr/{g}': 3e-3 for g in ('embedding', 'hidden', 'readout')},
+               **{f'wd/{g}': 3e-4 for g in ('embedding', 'hidden', 'readout')}}
+    with M.MetricsWriter(str(tmp_path), total_steps=500, tensorboard=False, stream=stream) as w:
+        w.text('compiling the train step ...')
+        w.write(120, metrics)
+        w.write(120, {'loss': 2.5, 'bits_per_byte': 1.9}, split='eval')
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == 'compiling the train step ...'
+    # Short: no absl prefix, no grad/param norms, one lr for five equal groups, no wd; the ETA
+    # comes from the first interval's 0.25 s/step x 380 steps left.
+    assert lines[1] == ('step 120/500 | loss 2.314 | 3,412 tok/s | mfu 31.2% | lr 3.0e-03 '
+                        '| eta 1m35s | elapsed 5s')
+    assert lines[2] == '[eval] step 120/500 | loss 2.5 | bits_per_byte 1.9'
+    # Every metric is still in the file.
+    record = M.read_metrics(str(tmp_path / 'metrics.jsonl'))[0]
+    assert set(metrics) <= set(record)
+
+
+def test_console_line_shows_groups_only_when_they_differ():
+    mup = {'loss': 1.0, 'lr': 1e-2, 'lr/hidden': 2.5e-3, 'lr/embedding': 1e-2,
+           'wd/hidden': 1e-4, 'wd/embedding': 1e-4, 'skipped': 2.0}
+    line = M.format_metrics(7, mup, total_steps=10)
+    assert 'lr hidden 2.5e-03 embedding 1.0e-02' in line
+    assert 'wd' not in line                   # equal across groups: only in the files
+    assert 'skipped 2' in line
+    mup['wd/vector'] = 0.0                    # not decayed by design: still no wd shown
+    assert 'wd' not in M.format_metrics(7, mup, total_steps=10)
+    mup['wd/embedding'] = 4e-4
+    assert 'wd hidden 1.0e-04 embedding 4.0e-04' in M.format_metrics(7, mup, total_steps=10)
 
 
 def test_format_helpers():
@@ -220,19 +309,21 @@ class FakeTTY(io.StringIO):
 
 
 def test_tty_progress_line(tmp_path, monkeypatch):
-    clock = iter([0.0, 10.0])
+    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
     monkeypatch.setattr(M.time, 'perf_counter', lambda: next(clock))
     monkeypatch.setenv('COLUMNS', '200')   # the line is cut to the terminal width
     stream = FakeTTY()
     with M.MetricsWriter(str(tmp_path), total_steps=100, tensorboard=False, stream=stream) as w:
-        w.write(10, {'loss': 2.0, 'tokens_per_s': 1000.0, 'mfu': 0.5})
-        w.write(20, {'loss': 1.5, 'tokens_per_s': 1000.0, 'mfu': 0.5})
+        w.write(10, {'loss': 2.0, 'tokens_per_s': 1000.0, 'mfu': 0.5, 'step_time_s': 0.5})
+        w.write(20, {'loss': 1.5, 'tokens_per_s': 1000.0, 'mfu': 0.5, 'step_time_s': 1.0})
         w.text('note')
     out = stream.getvalue()
     assert out.count('\r') == 3 and out.endswith('\n')
-    last = out.split('\r\x1b[K')[2]
-    assert last.startswith('[####................] 20/100 | loss 1.5 | tok/s 1,000 | mfu 50.0%')
+    first, last = out.split('\r\x1b[K')[1:3]
+    assert 'eta 45s' in first         # at the first write already: 90 steps x 0.5 s
+    assert last.startswith('[####................] 20/100 | loss 1.5 | 1,000 tok/s | mfu 50.0%')
     assert 'eta 1m20s' in last       # 10 steps took 10 s, 80 to go
+    assert 'elapsed 10s' in last
     assert '\r\x1b[Knote\n' in out
 
 

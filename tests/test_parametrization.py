@@ -274,7 +274,12 @@ def test_bad_parametrization_is_named():
 def test_coordinate_check_separates_sp_from_mup(tmp_path):
     c = _cfg('sp')
     c.data.max_files = 20
-    result = coord_check.run(config_lib.finalize(c), [32, 128], 3, ['sp', 'mup'], str(tmp_path))
+    lines = []
+    result = coord_check.run(config_lib.finalize(c), [32, 128], 3, ['sp', 'mup'], str(tmp_path),
+                             progress=lines.append)
+    assert lines == [f'coord_check: {n} at width {w} ({i}/4), 3 steps ...'
+                     for i, (n, w) in enumerate([('sp', 32), ('sp', 128), ('mup', 32),
+                                                 ('mup', 128)], 1)]
     sp, mup = result['sp']['slopes'], result['mup']['slopes']
     hidden = [k for k in sp if k.startswith('block_')]
     assert min(sp[k][-1] for k in hidden) > 0.7            # SP: activations grow with width

@@ -185,6 +185,7 @@ def schedule_cfg(**overrides):
 def test_spec_from_config_defaults():
     c = base_config()
     spec = spec_from_config(c.schedule, c.optim.lr, c.train.steps)
+    # No length given: the default fractions, 10% warmup and 20% decay, as absolute steps.
     assert spec == ScheduleSpec('wsd', peak=c.optim.lr, warmup_steps=50, total_steps=500,
                                 decay_steps=100, decay_shape='1-sqrt', min_lr_ratio=0.0)
     assert spec.decay_start == 400
@@ -196,7 +197,7 @@ def test_spec_from_config_defaults():
 @pytest.mark.parametrize('cfg, lr, key, value', [
     (dict(kind='cosin'), 1e-3, 'schedule.kind', "'cosin'"),
     (dict(decay_shape='sqrt'), 1e-3, 'schedule.decay_shape', "'sqrt'"),
-    (dict(warmup_steps=-1), 1e-3, 'schedule.warmup_steps', '-1'),
+    (dict(warmup_steps=-2), 1e-3, 'schedule.warmup_steps', '-2'),
     (dict(total_steps=-2), 1e-3, 'schedule.total_steps', '-2'),
     (dict(kind='cosine', decay_steps=-5), 1e-3, 'schedule.decay_steps', '-5'),
     (dict(warmup_steps=600, decay_steps=0, kind='constant'), 1e-3, 'schedule.warmup_steps',
@@ -230,3 +231,81 @@ def test_non_integer_steps_rejected():
         ScheduleSpec('constant', peak=1.0, warmup_steps=10.5, total_steps=100)
     # An integral float (1e3 on a command line) is fine and stored as an int.
     assert ScheduleSpec('constant', peak=1.0, warmup_steps=10, total_steps=1e3).total_steps == 1000
+
+
+# --- Lengths as fractions of the run ------------------------------------------------------
+
+def test_fractions_resolve_to_absolute_steps():
+    spec = spec_from_config(schedule_cfg(warmup_fraction=0.05, decay_fraction=0.25), 1e-3, 200)
+    assert (spec.warmup_steps, spec.decay_steps, spec.total_steps) == (10, 50, 200)
+    # Fractions are of schedule.total_steps when it is set, not of train.steps.
+    spec = spec_from_config(schedule_cfg(decay_fraction=0.5, total_steps=40), 1e-3, 30)
+    assert (spec.warmup_steps, spec.decay_steps) == (4, 20)
+    # What a checkpoint stores is steps only: the same spec as the explicit counts.
+    explicit = spec_from_config(schedule_cfg(warmup_steps=10, decay_steps=50), 1e-3, 200)
+    assert explicit.to_dict() == spec_from_config(
+        schedule_cfg(warmup_fraction=0.05, decay_fraction=0.25), 1e-3, 200).to_dict()
+    assert 'fraction' not in str(explicit.to_dict())
+
+
+def test_fraction_rounding_and_minimum_decay():
+    assert spec_from_config(schedule_cfg(warmup_fraction=0.125), 1e-3, 4).warmup_steps == 1  # 0.5 up
+    assert spec_from_config(schedule_cfg(), 1e-3, 3).decay_steps == 1   # 0.6 -> 1
+    assert spec_from_config(schedule_cfg(), 1e-3, 2).decay_steps == 1   # 0.4 -> at least 1
+    with pytest.raises(ConfigError, match='schedule.decay_steps=0'):
+        spec_from_config(schedule_cfg(decay_fraction=0.0), 1e-3, 100)   # wsd needs a decay
+
+
+def test_a_count_and_a_fraction_together_are_an_error():
+    for phase in ('warmup', 'decay'):
+        cfg = schedule_cfg(**{f'{phase}_steps': 10, f'{phase}_fraction': 0.1})
+        with pytest.raises(ConfigError) as err:
+            spec_from_config(cfg, 1e-3, 100)
+        msg = str(err.value)
+        assert f'schedule.{phase}_steps=10' in msg and f'schedule.{phase}_fraction=0.1' in msg
+
+
+@pytest.mark.parametrize('cfg, key', [
+    (dict(warmup_fraction=1.5), 'schedule.warmup_fraction=1.5'),
+    (dict(decay_fraction=-0.5), 'schedule.decay_fraction=-0.5'),
+    (dict(warmup_fraction=0.9), 'schedule.warmup_fraction=0.9'),   # 90% + 20% > the run
+    (dict(warmup_steps=95), 'schedule.warmup_steps=95'),           # 95 + 20% of 100
+])
+def test_fraction_errors_name_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+        spec_from_config(schedule_cfg(**cfg), 1e-3, 100)
+
+
+@pytest.mark.parametrize('name', ['lm_tiny', 'ssm_tiny', 'var_tiny', 'var_tokenizer_tiny'])
+@pytest.mark.parametrize('steps', [2, 5, 20, 100, 600])
+def test_tiny_configs_accept_short_runs(name, steps):
+    """The README examples at any small --config.train.steps (once: decay_steps=120 of 100)."""
+    import importlib
+    c = importlib.import_module(f'configs.{name}').get_config()
+    spec = spec_from_config(c.schedule, c.optim.lr, steps)
+    assert spec.total_steps == steps and spec.warmup_steps + spec.decay_steps <= steps
+
+
+def test_readme_branching_schedules_are_compatible():
+    """README: a 2000-step constant parent, a 1200-step child decaying over its last 200."""
+    import importlib
+    from pretrain import branching
+    c = importlib.import_module('configs.lm_tiny').get_config()
+    parent_cfg = schedule_cfg(**{**c.schedule.to_dict(), 'kind': 'constant', 'warmup_steps': 100})
+    parent = spec_from_config(parent_cfg, c.optim.lr, 2000)
+    child_cfg = schedule_cfg(**{**c.schedule.to_dict(), 'warmup_steps': 100, 'decay_steps': 200})
+    child = spec_from_config(child_cfg, c.optim.lr, 1200)
+    lineage = branching.check({'schedule': parent.to_dict()}, 'runs/constant', 1000, child, 1200)
+    assert lineage == [{'run': 'runs/constant', 'step': 1000}]
+    # lm_tiny keeps every checkpoint of the parent, so step 1000 is still there to branch from.
+    ckpt = c.checkpoint
+    assert ckpt.keep_every > 0 and 1000 % ckpt.keep_every == 0
+    assert ckpt.keep_every % ckpt.every_steps == 0
+
+
+def test_branch_with_a_derived_warmup_says_which_warmup_to_give():
+    from pretrain import branching
+    parent = spec_from_config(schedule_cfg(kind='constant'), 1e-3, 2000)     # warmup 200
+    child = spec_from_config(schedule_cfg(decay_steps=200), 1e-3, 1200)     # warmup 120
+    with pytest.raises(ConfigError, match='schedule.warmup_steps=200'):
+        branching.check({'schedule': parent.to_dict()}, 'runs/constant', 1000, child, 1200)

@@ -125,6 +125,10 @@ def test_readme_train_command_runs(tmp_path):
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20', '40']
     assert os.path.exists(tmp_path / 'config.json') and os.listdir(tmp_path / 'tb')
     assert 'compiled the train step' in out.stderr
+    # The console line is short: no absl prefix, no per-group LRs (all equal under SP).
+    last = [line for line in out.stderr.splitlines() if line.startswith('step 40/40 ')]
+    assert len(last) == 1 and len(last[0]) < 120, out.stderr[-2000:]
+    assert ' tok/s | mfu ' in last[0] and '| eta 0s | elapsed ' in last[0] and 'lr/' not in last[0]
 
 
 def test_checkpoint_retention_keeps_last_n_and_every_kth(tmp_path):

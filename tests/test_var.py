@@ -207,6 +207,38 @@ def test_sampling_with_guidance_top_k_top_p(tokenizer_run, var_run, tmp_path):
     var_sample.save_grid(a, str(tmp_path / 'grid.png'), ncol=2)
     assert os.path.getsize(tmp_path / 'grid.png') > 0
     assert var_sample.sampling_steps((1, 2, 3, 4)) == {'next_scale': 4, 'raster': 30}
+    assert var_sample.describe_steps((1, 2, 3, 4)) == (
+        '4 model calls per image (one per scale); a raster-order model of the same 30 tokens '
+        'would need 30')
+
+
+def _sample_cli(*args):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=root)
+    return subprocess.run([sys.executable, '-m', 'model_zoo.var_sample', *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_writes_into_the_run_folder_and_says_what_it_did(var_run):
+    workdir = var_run[0]
+    out = _sample_cli(f'--workdir={workdir}', '--per_class=1')
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.getsize(os.path.join(workdir, 'samples.png')) > 0
+    assert out.stdout.strip().splitlines() == [
+        f'wrote {workdir}/samples.png: 10 classes x 1 samples from step 12; 4 model calls per '
+        'image (one per scale); a raster-order model of the same 30 tokens would need 30']
+    assert 'read only' not in out.stderr and 'read_only' not in out.stderr   # orbax chatter
+
+
+def test_sample_cli_without_a_checkpoint_prints_one_line(tmp_path):
+    out = _sample_cli(f'--workdir={tmp_path}/nothing')
+    assert out.returncode == 1
+    assert 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"var_sample: --workdir='{tmp_path}/nothing' has no checkpoints ({tmp_path}/nothing/"
+        'checkpoints does not exist); train a var (stage 2) run there first']
 
 
 def test_top_k_and_top_p_filters():

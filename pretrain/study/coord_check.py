@@ -14,7 +14,7 @@ stay near 0. A flat check does not prove LR transfer: only an LR sweep across wi
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from model_zoo import FAMILIES   # this tool is an entry point: it hands the registry to the setup
 from pretrain import config as config_lib
 from pretrain import data as data_lib
+from pretrain import logs
 from pretrain import setup as setup_lib
 from pretrain.registry import Registry
 
@@ -78,11 +79,20 @@ def slopes(values: dict[int, dict[str, list[float]]]) -> dict[str, list[float]]:
                     for t in range(len(layers[layer]))] for layer in layers}
 
 
-def run(cfg, widths: Sequence[int], steps: int, names: Sequence[str], out_dir: str | None = None) -> dict:
+def run(cfg, widths: Sequence[int], steps: int, names: Sequence[str], out_dir: str | None = None,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """Per-layer activation sizes for each parametrization and width; `progress(line)` hears
+    about each (parametrization, width) before it is measured."""
     base = min(widths)
     result = {}
+    total, done = len(names) * len(widths), 0
     for name in names:
-        values = {w: measure(cfg, w, base, name, steps) for w in widths}
+        values = {}
+        for w in widths:
+            done += 1
+            if progress is not None:
+                progress(f'coord_check: {name} at width {w} ({done}/{total}), {steps} steps ...')
+            values[w] = measure(cfg, w, base, name, steps)
         result[name] = {'values': {str(w): v for w, v in values.items()}, 'slopes': slopes(values)}
     result['widths'] = list(widths)
     result['steps'] = steps
@@ -136,12 +146,19 @@ def define_flags() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logs.quiet_libraries()
     values = flags.FLAGS
     cfg = config_lib.finalize(values.config)
     names = values.parametrizations
-    result = run(cfg, [int(w) for w in values.widths], values.steps, names, values.out)
+    result = run(cfg, [int(w) for w in values.widths], values.steps, names, values.out,
+                 progress=lambda line: print(line, flush=True))
+    print(f'slope of log2 mean|activation| against log2 width after {values.steps} steps '
+          '(about 0 = width-independent):')
     for name in names:
-        print(name, {k: round(v[-1], 3) for k, v in result[name]['slopes'].items()})
+        slopes_at_end = ', '.join(f'{k} {v[-1]:+.2f}' for k, v in result[name]['slopes'].items())
+        print(f'  {name}: {slopes_at_end}')
+    print(f'wrote {os.path.join(values.out, "coord_check.json")} and '
+          f'{os.path.join(values.out, "coord_check.png")}')
 
 
 if __name__ == '__main__':

@@ -341,8 +341,11 @@ def predict_heldout(fits: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) 
     return out
 
 
-def run(sweep_dir: str, n_boot: int = 200) -> dict[str, Any]:
-    """Every fit the rows allow; writes fits.json, fit_summary.md and PNGs into `sweep_dir`."""
+def run(sweep_dir: str, n_boot: int = 200, out_dir: str | None = None) -> dict[str, Any]:
+    """Every fit the rows allow; writes fits.json, fit_summary.md and PNGs into `out_dir`
+    (default `sweep_dir`)."""
+    out_dir = out_dir or sweep_dir
+    os.makedirs(out_dir, exist_ok=True)
     every = load_results(sweep_dir)
     heldout = [r for r in every if r.get('heldout')]
     rows = [r for r in every if not r.get('heldout')]
@@ -352,7 +355,7 @@ def run(sweep_dir: str, n_boot: int = 200) -> dict[str, Any]:
     for name, fn in FITS.items():
         try:
             # The annealing fit sees the held-out cooldowns' curves only to score its predictions.
-            result = fn(every if name == 'annealing' else ends, sweep_dir, n_boot, fits['files'])
+            result = fn(every if name == 'annealing' else ends, out_dir, n_boot, fits['files'])
         except (ValueError, np.linalg.LinAlgError) as e:     # one failed fit must not stop the rest
             result = f'fit failed: {e}'
         if isinstance(result, str):
@@ -363,8 +366,8 @@ def run(sweep_dir: str, n_boot: int = 200) -> dict[str, Any]:
     if heldout:
         fits['heldout'] = predict_heldout(fits, [r for r in heldout if r.get('kind') != 'parent'])
     fits = jsonable(fits)
-    with open(os.path.join(sweep_dir, 'fits.json'), 'w', encoding='utf-8') as f:
+    with open(os.path.join(out_dir, 'fits.json'), 'w', encoding='utf-8') as f:
         json.dump(fits, f, indent=1)
-    with open(os.path.join(sweep_dir, 'fit_summary.md'), 'w', encoding='utf-8') as f:
+    with open(os.path.join(out_dir, 'fit_summary.md'), 'w', encoding='utf-8') as f:
         f.write(report.summary_markdown(fits))
     return fits

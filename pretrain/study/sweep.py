@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pretrain import config as config_lib
+from pretrain import schedules
 from pretrain.errors import ConfigError
 
 Point = dict[str, Any]
@@ -116,6 +117,7 @@ def expand(sweep: Sweep) -> list[Run]:
         plans = [_cooldown_plan(cd, len(families) > 1) for cd in families]
         longest = max(b for plan in plans for b, _, _ in plan)
         every = math.gcd(*(branch for plan in plans for _, branch, _ in plan))
+        overrides.update(_pinned_warmup(sweep, overrides, longest))
         parent = f'{name}.constant'
         runs.append(Run(parent, point, {
             **overrides, 'train.steps': longest, 'schedule.kind': 'constant',
@@ -137,6 +139,18 @@ def expand(sweep: Sweep) -> list[Run]:
                               f'and {r.point}; make their values differ in the name')
         seen[r.name] = r.point
     return runs
+
+
+def _pinned_warmup(sweep: Sweep, overrides: Point, parent_steps: int) -> Point:
+    """A parent and its cooldowns must share one warmup; a warmup given as a fraction (or left to
+    the default) would follow each run's own length, so it is pinned to the parent's steps."""
+    if overrides.get('schedule.warmup_steps', schedules.UNSET) != schedules.UNSET:
+        return {}
+    base = sweep.base if os.path.isabs(sweep.base) else os.path.join(ROOT, sweep.base)
+    cfg = config_lib.with_overrides(_import(base, 'sweep_base_config').get_config(),
+                                    {**overrides, 'train.steps': parent_steps})
+    steps, _ = schedules.resolve_length(cfg.schedule, 'warmup', parent_steps)
+    return {'schedule.warmup_steps': steps, 'schedule.warmup_fraction': float(schedules.UNSET)}
 
 
 def _cooldown_plan(cd: Cooldowns, suffixed: bool) -> list[tuple[int, int, str]]:

@@ -1,0 +1,1 @@
+"""The scaling-study layer on top of the trainer."""

@@ -33,7 +33,9 @@ MAIN = {'sp': {'parametrization.name': 'sp'},
         'mup': {'parametrization.name': 'mup', 'parametrization.base_width': BASE_WIDTH}}
 # One muP hypothesis each: what the 'mup' variant changes.
 ABLATIONS = {
-    'wd_independent': {'optim.weight_decay_mode': 'independent'},
+    # muP's default decay is 'auto' (independent, lr x weight_decay per step at every width);
+    # this is the coupled decay the docs/mutransfer.md runs used (eta/m x lambda for hidden).
+    'wd_coupled': {'optim.weight_decay_mode': 'coupled'},
     'no_weight_decay': {'optim.weight_decay': 0.0},
     'output_mult_4': {'parametrization.output_mult': 4.0},
     'no_grad_clip': {'optim.grad_clip': 0.0},
@@ -130,7 +132,8 @@ def sweep(name: str, overrides: dict[str, Any], widths: list[int], steps: int, f
         elif optima:   # muP's should stay where it was
             guess = round(optima[-1])
         side = 2 if width <= 256 else 1   # the widest runs are the expensive ones
-        # At the base width muP is SP bit for bit: reuse SP's runs there.
+        # At the base width muP is SP (bit for bit with coupled decay; with muP's default 'auto'
+        # decay the same per-step decay computed in another order): reuse SP's runs there.
         same_as_sp = width == BASE_WIDTH and overrides == MAIN['mup']
         res = search(width, guess, side, steps, overrides,
                      os.path.join(runs, 'sp' if same_as_sp else name, f'w{width}'))
@@ -206,10 +209,11 @@ def write_md(out: dict[str, Any], path: str, command: str, discussion: str) -> N
         f'Setup: byte-level transformer on the stdlib corpus, d_model in {s["widths"]}, 4 heads '
         f'(head dim d_model/4), d_ff = 3 d_model, {s["n_layers"]} layers, seq {s["seq_len"]}, '
         f'batch {s["batch"]}, {s["steps"]} steps ({s["steps"] * s["batch"] * s["seq_len"]:,} '
-        f'tokens), AdamW (b2 0.95, weight decay 0.1 coupled, clip 1.0, eps 1e-8), WSD schedule '
+        f'tokens), AdamW (b2 0.95, weight decay 0.1 in the default mode, coupled for the runs '
+        f'recorded here, clip 1.0, eps 1e-8), WSD schedule '
         f'(warmup {s["warmup_steps"]}, 1-sqrt decay to 0 over the last {s["decay_steps"]} steps), '
         f'one seed. muP: `parametrization.name=mup`, `base_width={BASE_WIDTH}` (at width 64 it is '
-        f'SP exactly). Loss: held-out, {s["eval_batches"]} batches at the end. LR grid: '
+        f'SP: bit for bit with coupled decay). Loss: held-out, {s["eval_batches"]} batches at the end. LR grid: '
         f'2^(k/2), searched outward from a guess until the best point has 2 evaluated neighbours '
         f'on each side (1 at width 512) and the outermost points on each side are more than '
         f'{FLAT} nats worse than the best; the optimum is the vertex of a parabola in log2 LR '
@@ -263,39 +267,56 @@ def write_md(out: dict[str, Any], path: str, command: str, discussion: str) -> N
 
 # Written after reading the recorded results (docs/mutransfer.json); see the tables above.
 DISCUSSION = """
-**Transfer.** Across an 8x range of widths the optimal peak LR moves -1.88 octaves under SP and
-+0.13 under muP (+0.14 with output_mult=4); the 5-point fits give -2.50 and +0.24 (+0.09). The
-stated goal is met at this scale (150 steps, 2 layers, one seed). The muP curves of all widths
-lie on top of each other, as they should.
+**What these runs are.** One seed per point, 150 steps, 2 layers, widths 64-512. There is no
+seed-to-seed interval; as a proxy for single-run noise, the scatter of the five points around the
+best one about a least-squares parabola is 0.003-0.024 nats (median 0.015) across the 11
+(variant, width) curves that have five points. The runs predate the fixes of issue 11 (see the
+last paragraph for which of them change these numbers).
 
-**Why did the pilot see drift?** Not reproduced here: muP's optimum stays within a quarter of an
-octave. But a single-seed optimum is only known to about half an octave: muP's width-512 curve is
-flat to 0.005 nats between 2^-9 and 2^-8, and single runs sit 0.02-0.035 nats off their
-neighbours' trend (SP width 128 at 2^-8.5; muP+output_mult_4 width 128 at 2^-7.5, which alone
-moves that width's 3-point optimum by about half an octave). A 3-point fit on one short seed
-can show a drift of that size from noise; several seeds or a wider least-squares fit are needed
-before reading a shift below ~0.5 octave.
+**Transfer of the optimum.** Across an 8x range of widths the optimal peak LR moves -1.88
+octaves under SP and +0.13 under muP (+0.14 with output_mult=4); the 5-point fits give -2.50,
++0.24 and +0.09. The 3- and 5-point fits of one curve differ by up to 0.39 octave (SP, width
+512) and 0.75 octave separates the highest and lowest 3-point optimum of muP+output_mult_4
+(its width-128 curve). So these runs resolve SP's shift of about two octaves; the goal line
+above (muP within 0.5 octave) holds for the point estimates, but a muP shift below about half an
+octave is not resolved by one seed.
 
-**Why does muP lose to tuned SP?** With the default multipliers muP's best loss barely improves
-from width 64 to 512 (2.193 -> 2.180) while SP's falls to 1.964. muP transfers the base model's
-per-layer constants (readout multiplier, init scale, the embedding/hidden LR ratio) unchanged to
-every width; SP at its own optimal LR realises a different set at each width. For Adam
-(ignoring epsilon and weight decay) a layer with forward multiplier A, init std B and LR C trains
-like one with (A t, B / t, C / t), so only A B and A C matter: at width 512, SP's optimum (LR
-5.8e-4 everywhere) has effective readout and hidden inits 8x and 2.8x muP's, readout and hidden
-LRs 2x muP's and an embedding LR 4x smaller. The base
-constants were never tuned, and one of them is clearly off: output_mult=4 improves the base
-model itself by 0.14 nats (2.193 -> 2.053) and muP then reaches 2.053 / 2.012 / 2.010 / 2.002,
-better than SP up to width 256 and 0.04 behind it at 512, with the optimum still transferring.
-So the pilot's loss to SP is a base-model tuning problem, not a failure of the scaling rules;
-a passing coordinate check cannot reveal it. The remaining gap at 512 points at the other base
-constants (init_std of the hidden matrices, input_mult), which this sweep did not tune.
+**Loss at the transferred LR.** Under muP a wider model at the same LR should be at least as
+good as a narrower one (Tensor Programs V). With the default multipliers it is not shown here: the best muP loss
+is 2.193 / 2.217 / 2.171 / 2.180 at widths 64 / 128 / 256 / 512, so width 128 is 0.025 nats worse
+than 64 and width 512 is 0.009 worse than 256, differences of the size of the scatter above;
+over the whole 8x range it improves by 0.013 nats, while SP's best loss falls by 0.229 (2.193
+-> 1.964). With output_mult=4 the muP losses are 2.053 / 2.012 / 2.010 / 2.002: monotone, but
+after width 128 the steps (0.002, 0.007) are again below the scatter.
 
-**Not tested here** (each is one flag of experiments/mutransfer.py): longer training, several
-seeds, output_mult values other than 4, input_mult, Adam epsilon (`scale_eps`; eps=1e-8 is tiny
-next to the gradient RMS at these widths, so little effect is expected), and the weight-decay
-mode: coupled decay removes about LR x 0.1 x 150 steps ~ 4% of a weight at the optimal LR over
-the whole run, so coupled vs independent should matter only in much longer runs.
+**muP against tuned SP.** muP transfers the base model's per-layer constants (readout
+multiplier, init scale, the embedding/hidden LR ratio) unchanged to every width; SP at its own
+optimal LR realises a different set at each width. For Adam (ignoring epsilon and weight decay)
+a layer with forward multiplier A, init std B and LR C trains like one with (A t, B / t, C / t),
+so only A B and A C matter: at width 512, SP's optimum (LR 5.8e-4 everywhere) has effective
+readout and hidden inits 8x and 2.8x muP's, readout and hidden LRs 2x muP's and an embedding LR
+4x smaller. output_mult=4 improves the base model by 0.14 nats (2.193 -> 2.053), and muP with
+it is ahead of SP at widths 64-256 and 0.04 nats behind at 512. Whether the remaining gap is a
+base-model tuning problem or a limit of the rules is not shown: that needs SP runs with the
+same multipliers (output_mult=4) and several seeds, which were not run. The other base
+constants (init_std of the hidden matrices, input_mult) were not tuned.
+
+**Not tested here**: longer training, several seeds, output_mult values other than 4,
+input_mult, zero-initialised queries, and the weight-decay mode (the `--ablation` choices of
+experiments/mutransfer.py cover some of these; none but output_mult_4 was run).
+
+**These numbers predate the issue-11 fixes.** Which of them would change the runs above:
+- the attention logit scale (now sqrt(d_head_base) / d_head): no change. These models keep 4
+  heads, so the head dim grows with width, the case the old rule already got right (both give
+  1/32 at width 512).
+- Adam epsilon, now eps/m for the embedding, readout and norm gains too (before: hidden
+  matrices only): changes the muP runs at widths 128-512, by an amount not measured.
+- the weight-decay default: these runs used coupled decay 0.1 (removing about 4% of a weight
+  over the run at the base width and 1/m of that from the hidden matrices of wider models). muP's
+  default is now 'auto', which removes the base width's amount at every width; a re-run with the
+  default changes the muP runs at widths 128-512 (the `wd_coupled` ablation reproduces the old
+  setting).
+- zero_query, the DeepSeek FLOPs constant and the Mamba roles do not enter these runs.
 """
 
 

@@ -212,9 +212,20 @@ def write_md(out: dict[str, Any], path: str, command: str) -> None:
 
 # Written after reading the recorded results (docs/wsd_vs_cosine.json).
 DISCUSSION = """
-Hägele et al. (2024) report that a constant LR with a ~20% 1-sqrt cooldown matches a cosine schedule tuned to the same length, while one constant run serves every budget. This is a single seed on a tiny model with a held-out estimate from 8 batches, so differences of a few hundredths of a nat are within run-to-run noise; read the table as a check of the mechanism (branching, cooldown) rather than a precise ranking.
+Every number above is one run of one seed, and held-out losses come from 8 batches; run-to-run
+noise was not measured, so no interval can be given for any difference here. The runs use SP
+(configs/lm_tiny.py), so the µP fixes of issue 11 do not change them (under SP the default
+weight-decay mode 'auto' is the coupled decay they used).
 
-The peak-LR check rules out that WSD wins only because 0.003 suits it: WSD is ahead of cosine at every peak LR and budget (by 0.04-0.11 nats), and both are best at the lowest LR tried, 0.0015, so the optimum for this 600-step tiny model may lie lower still; the ranking of the two methods does not depend on it.
+At every peak LR and budget tried (3 x 3 cells) the WSD branch ends with a lower held-out loss
+than the cosine run of the same length, by 0.043-0.108 nats. Hägele et al. (2024) report that a
+~20% 1-sqrt cooldown roughly matches a cosine schedule tuned to the same length; this comparison
+does not tune either schedule: both do best at the lowest peak LR tried (0.0015) for every
+budget, so neither method's optimal LR is bracketed. Whether WSD still beats cosine when each
+runs at its own best LR is not shown; neither is whether the size of the gap would hold over
+seeds. What WSD does show here is the mechanism: one constant run serves every budget through
+branched cooldowns (the compute line above), and each cooldown lowers the held-out loss of the
+constant-LR run at that step.
 """
 
 

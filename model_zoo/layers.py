@@ -1,7 +1,9 @@
 """Shared blocks. Every parameter carries its logical axes and its muP role as metadata.
 
-Roles (see pretrain/parametrization rules): 'embedding' (input-like, width on the output),
-'hidden' (width on both sides), 'readout' (width on the input), 'vector' (gains, biases).
+Roles (see the table in pretrain/parametrization.py): 'embedding' (input-like, width on the
+output), 'hidden' (width on both sides), 'hidden_fan_in' (hidden, built with a 1/sqrt(fan_in)
+init), 'hidden_to_fixed' (width in, a fixed size out, inside the network), 'readout' (width on
+the input, the logits out), 'vector' (gains, biases).
 """
 
 from collections.abc import Callable, Sequence
@@ -11,8 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain.mesh import constrain
-
-ROLES = ('embedding', 'hidden', 'readout', 'vector')
+from pretrain.parametrization import ROLES
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -37,6 +38,11 @@ def normal(std: float) -> Init:
 def ones(key, shape, dtype):
     del key
     return jnp.ones(shape, dtype)
+
+
+def zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -67,19 +73,21 @@ class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE; softmax in float32."""
 
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
-                 logit_scale: float, init_std: float, param_dtype: str, rngs: nnx.Rngs):
+                 logit_scale: float, init_std: float, param_dtype: str, rngs: nnx.Rngs,
+                 zero_query: bool = False):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.rope_theta = rope_theta
         self.logit_scale = logit_scale   # set by the parametrization (1/sqrt(d) SP, ~1/d muP)
         init = normal(init_std)
         K = self.head_dim
-        self.wq = param(rngs, init, (d_model, n_heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wq = param(rngs, zeros if zero_query else init, (d_model, n_heads, K),
+                        ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
         self.wk = param(rngs, init, (d_model, n_kv_heads, K), ('embed', 'kv_heads', 'head_dim'), 'hidden', param_dtype)
         self.wv = param(rngs, init, (d_model, n_kv_heads, K), ('embed', 'kv_heads', 'head_dim'), 'hidden', param_dtype)
         self.wo = param(rngs, init, (n_heads, K, d_model), ('heads', 'head_dim', 'embed'), 'hidden', param_dtype)
 
-    def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+    def _qkv(self, x_BLD: jax.Array, positions_L: jax.Array):
         dt = x_BLD.dtype
         q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt))
         k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, self.wk[...].astype(dt))
@@ -89,12 +97,26 @@ class Attention(nnx.Module):
         k_BLGK = constrain(rope(k_BLGK, positions_L, self.rope_theta),
                            ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
         v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+        return q_BLHK, k_BLGK, v_BLGK
 
+    def _scores(self, q_BLHK: jax.Array, k_BMGK: jax.Array) -> jax.Array:
+        """Scaled pre-softmax logits [B, G, R, L, M] (float32); R query heads share a kv head."""
         B, L, H, K = q_BLHK.shape
         G = self.n_kv_heads
-        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)   # R query heads share each kv head
-        logits_BGRLM = jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BLGK,
-                                  preferred_element_type=jnp.float32) * self.logit_scale
+        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+        return jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BMGK.astype(q_BLHK.dtype),
+                          preferred_element_type=jnp.float32) * self.logit_scale
+
+    def logits(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+        """The pre-softmax attention logits (before the causal mask), for coordinate checks."""
+        q_BLHK, k_BLGK, _ = self._qkv(x_BLD, positions_L)
+        return self._scores(q_BLHK, k_BLGK)
+
+    def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+        dt = x_BLD.dtype
+        q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_L)
+        B, L, H, K = q_BLHK.shape
+        logits_BGRLM = self._scores(q_BLHK, k_BLGK)
         causal_LM = positions_L[:, None] >= positions_L[None, :]
         logits_BGRLM = jnp.where(causal_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
         probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)
@@ -121,10 +143,7 @@ class Attention(nnx.Module):
         k_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BLGK.astype(cache['k'].dtype), start, 1)
         v_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BLGK.astype(cache['v'].dtype), start, 1)
         B, L, H, K = q_BLHK.shape
-        G = self.n_kv_heads
-        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
-        logits_BGRLM = jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BMGK.astype(dt),
-                                  preferred_element_type=jnp.float32) * self.logit_scale
+        logits_BGRLM = self._scores(q_BLHK, k_BMGK)
         visible_LM = jnp.arange(k_BMGK.shape[1])[None, :] <= positions_L[:, None]
         logits_BGRLM = jnp.where(visible_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
         probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)

@@ -4,6 +4,30 @@ Config: `model.family='mamba'`, the shared LM keys of `model` (d_model, n_layers
 norm_eps, tie_embeddings, init_std, dtypes, remat) and `model.ssm` (version, d_state, d_conv,
 expand, dt_rank, scan, chunk_size, headdim, n_groups, attn_every, dt range). With attn_every=k,
 every k-th block is the transformer's attention + MLP block (using model.n_heads, d_ff, ...).
+
+muP roles (rules in pretrain/parametrization.py; D = d_model and E = expand D grow with width,
+R = dt_rank = ceil(D / 16) grows with it, the state size N, conv width K, Mamba-2 head dim P
+and groups G are fixed):
+
+| parameter (Mamba-1 / Mamba-2)   | maps            | role            | muP init, LR, eps     |
+|---------------------------------|-----------------|-----------------|-----------------------|
+| w_x, w_z                        | D -> E          | hidden          | sigma/sqrt(m), eta/m, eps/m |
+| w_dt_low (1)                    | E -> R          | hidden          | sigma/sqrt(m), eta/m, eps/m |
+| w_dt (1)                        | R -> E          | hidden_fan_in   | U(+-R^-0.5) as built, eta/m, eps/m |
+| w_dt (2)                        | D -> H = E/P    | hidden          | sigma/sqrt(m), eta/m, eps/m |
+| w_B, w_C                        | E or D -> G N   | hidden_to_fixed | sigma/m, eta/m, eps   |
+| w_out                           | E -> D          | hidden          | sigma/sqrt(depth) /sqrt(m), eta/m, eps/m |
+| conv, dt_bias, A_log, D, norm   | per channel     | vector          | as built, eta, eps/m  |
+
+Why: w_dt's U(+-R^-0.5) init already scales as 1/sqrt(fan_in), which is what muP's
+sigma/sqrt(m) expresses relative to the base, so it is not shrunk a second time (its std is
+R^-0.5/sqrt(3) at every width under SP and muP). w_B and w_C map the wide dimension to the
+fixed state size N: output layers in Tensor Programs V's sense (written without a forward
+multiplier: init variance 1/fan_in^2, Adam LR 1/fan_in), not hidden matrices. w_out's
+sigma/sqrt(depth) is the usual residual-output init; under depth-muP `depth` is the base model's
+depth, because the branch multiplier m_L^-alpha already scales the depth (depth counted once).
+Under muP dt_rank must grow with width (model.ssm.dt_rank = 0): a fixed R would make w_dt_low
+a hidden_to_fixed and w_dt an input-like matrix, which this table does not cover.
 """
 
 import math
@@ -15,7 +39,7 @@ from flax import nnx
 from model_zoo import scans
 from model_zoo import transformer as transformer_lib
 from model_zoo.family import FAMILIES, Family
-from model_zoo.layers import REMAT_POLICIES, RMSNorm, normal, ones, param
+from model_zoo.layers import REMAT_POLICIES, RMSNorm, normal, ones, param, zeros
 from pretrain import parametrization
 from pretrain.errors import ConfigError, check_choice
 from pretrain.mesh import constrain
@@ -32,11 +56,6 @@ f32 = jnp.float32
 
 def uniform(bound: float):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
 
 
 def s4d_real_log(key, shape, dtype):
@@ -84,7 +103,7 @@ def conv_step(x_B_: jax.Array, window_BK_: jax.Array, w_K_: jax.Array, b_: jax.A
 class Mamba1Mixer(nnx.Module):
     """in_proj -> causal conv -> SiLU -> selective scan (input-dependent dt, B, C) -> gate -> out_proj."""
 
-    def __init__(self, m, rngs: nnx.Rngs):
+    def __init__(self, m, rngs: nnx.Rngs, out_init_depth: float | None = None):
         s = m.ssm
         D, E, N, K, R = m.d_model, d_inner(m), s.d_state, s.d_conv, dt_rank(m)
         self.scan_name, self.chunk_size = s.scan, s.chunk_size
@@ -96,14 +115,14 @@ class Mamba1Mixer(nnx.Module):
         self.conv_w = param(rngs, uniform(K ** -0.5), (K, E), ('conv', 'inner'), 'vector', pd)
         self.conv_b = param(rngs, zeros, (E,), ('inner',), 'vector', pd)
         self.w_dt_low = param(rngs, w, (E, R), ('inner', 'dt_rank'), 'hidden', pd)
-        self.w_B = param(rngs, w, (E, N), ('inner', 'state'), 'hidden', pd)
-        self.w_C = param(rngs, w, (E, N), ('inner', 'state'), 'hidden', pd)
-        self.w_dt = param(rngs, uniform(R ** -0.5), (R, E), ('dt_rank', 'inner'), 'hidden', pd)
+        self.w_B = param(rngs, w, (E, N), ('inner', 'state'), 'hidden_to_fixed', pd)
+        self.w_C = param(rngs, w, (E, N), ('inner', 'state'), 'hidden_to_fixed', pd)
+        self.w_dt = param(rngs, uniform(R ** -0.5), (R, E), ('dt_rank', 'inner'), 'hidden_fan_in', pd)
         self.dt_bias = param(rngs, dt_bias_init(s.dt_min, s.dt_max, s.dt_floor), (E,), ('inner',),
                              'vector', pd)
         self.A_log = param(rngs, s4d_real_log, (E, N), ('inner', 'state'), 'vector', pd)
         self.D = param(rngs, ones, (E,), ('inner',), 'vector', pd)
-        self.w_out = param(rngs, normal(m.init_std / math.sqrt(m.n_layers)), (E, D),
+        self.w_out = param(rngs, normal(m.init_std / math.sqrt(out_init_depth or m.n_layers)), (E, D),
                            ('inner', 'embed'), 'hidden', pd)
 
     def _project(self, x_BLD):
@@ -152,7 +171,7 @@ class Mamba1Mixer(nnx.Module):
 class Mamba2Mixer(nnx.Module):
     """Heads of size P with scalar A and dt per head, grouped B/C, chunked SSD, gated RMSNorm."""
 
-    def __init__(self, m, rngs: nnx.Rngs):
+    def __init__(self, m, rngs: nnx.Rngs, out_init_depth: float | None = None):
         s = m.ssm
         D, N, K, P, G = m.d_model, s.d_state, s.d_conv, s.headdim, s.n_groups
         H = d_inner(m) // P
@@ -162,8 +181,8 @@ class Mamba2Mixer(nnx.Module):
         heads, groups = ('ssm_heads', 'head_dim'), ('ssm_groups', 'state')
         self.w_x = param(rngs, w, (D, H, P), ('embed', *heads), 'hidden', pd)
         self.w_z = param(rngs, w, (D, H, P), ('embed', *heads), 'hidden', pd)
-        self.w_B = param(rngs, w, (D, G, N), ('embed', *groups), 'hidden', pd)
-        self.w_C = param(rngs, w, (D, G, N), ('embed', *groups), 'hidden', pd)
+        self.w_B = param(rngs, w, (D, G, N), ('embed', *groups), 'hidden_to_fixed', pd)
+        self.w_C = param(rngs, w, (D, G, N), ('embed', *groups), 'hidden_to_fixed', pd)
         self.w_dt = param(rngs, w, (D, H), ('embed', 'ssm_heads'), 'hidden', pd)
         # The conv runs over the concatenation (x, B, C); kept as three parameters so that x's
         # part shards with the heads and B/C's part stays replicated.
@@ -178,7 +197,7 @@ class Mamba2Mixer(nnx.Module):
         self.A_log = param(rngs, uniform_log_A, (H,), ('ssm_heads',), 'vector', pd)
         self.D = param(rngs, ones, (H,), ('ssm_heads',), 'vector', pd)
         self.norm_scale = param(rngs, ones, (H, P), heads, 'vector', pd)
-        self.w_out = param(rngs, normal(m.init_std / math.sqrt(m.n_layers)), (H, P, D),
+        self.w_out = param(rngs, normal(m.init_std / math.sqrt(out_init_depth or m.n_layers)), (H, P, D),
                            (*heads, 'embed'), 'hidden', pd)
 
     def _project(self, x_BLD):
@@ -240,7 +259,8 @@ class MambaBlock(nnx.Module):
     def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
         self.residual_mult = p13n.residual_mult()
         self.norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
-        self.mixer = (Mamba1Mixer if m.ssm.version == 1 else Mamba2Mixer)(m, rngs)
+        self.mixer = (Mamba1Mixer if m.ssm.version == 1 else Mamba2Mixer)(
+            m, rngs, out_init_depth=p13n.residual_init_depth(m.n_layers))
 
     def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
         del positions_L   # order is carried by the recurrence
@@ -370,6 +390,11 @@ def validate(cfg, axes: dict[str, int]) -> None:
                           f'size {tensor}')
     if m.d_model % axes['fsdp']:
         raise ConfigError(f'model.d_model={m.d_model} must be divisible by the fsdp axis size {axes["fsdp"]}')
+    p = cfg.parametrization
+    if p.name != 'sp' and s.version == 1 and s.dt_rank and p.base_width not in (0, m.d_model):
+        raise ConfigError(f'model.ssm.dt_rank={s.dt_rank} is fixed, but parametrization.name='
+                          f'{p.name!r} widens from base_width={p.base_width}: the muP roles need '
+                          'a dt rank that grows with width (set model.ssm.dt_rank=0)')
     if s.attn_every:
         transformer_lib.validate(cfg, axes)   # the attention blocks' own shape rules
 

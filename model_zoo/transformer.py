@@ -25,7 +25,7 @@ class Block(nnx.Module):
         self.residual_mult = p13n.residual_mult()
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.attn = Attention(d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                              rope_theta=m.rope_theta,
+                              rope_theta=m.rope_theta, zero_query=p13n.zero_query,
                               logit_scale=p13n.attn_logit_scale(m.d_model // m.n_heads), **common)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.mlp = SwiGLU(d_model=m.d_model, d_ff=m.d_ff, **common)
@@ -34,6 +34,10 @@ class Block(nnx.Module):
         r = self.residual_mult
         x_BLD = constrain(x_BLD + r * self.attn(self.attn_norm(x_BLD), positions_L), ACT_BLD)
         return constrain(x_BLD + r * self.mlp(self.mlp_norm(x_BLD)), ACT_BLD)
+
+    def attention_logits(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
+        """This block's pre-softmax attention logits for the block input x (coordinate checks)."""
+        return self.attn.logits(self.attn_norm(x_BLD), positions_L)
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
         return self.attn.init_cache(batch, max_len, dtype)
@@ -68,12 +72,15 @@ class DecoderLM(nnx.Module):
             m.param_dtype)
 
     def __call__(self, tokens_BL: jax.Array, capture: dict | None = None) -> jax.Array:
-        """`capture`, if given, receives each layer's output (for coordinate checks)."""
+        """`capture`, if given, receives each layer's output and, for blocks with attention,
+        its pre-softmax logits as 'attn_logits_<i>' (for coordinate checks)."""
         positions_L = jnp.arange(tokens_BL.shape[1])
         x_BLD = constrain(self.embed(tokens_BL, self.compute_dtype) * self.embedding_mult, ACT_BLD)
         if capture is not None:
             capture['embedding'] = x_BLD
         for i, block in enumerate(self.blocks):
+            if capture is not None and hasattr(block, 'attention_logits'):
+                capture[f'attn_logits_{i}'] = block.attention_logits(x_BLD, positions_L)
             block_fn = type(block).__call__
             if self.remat_policy != 'none':
                 block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.remat_policy])

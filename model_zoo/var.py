@@ -21,7 +21,7 @@ from flax import nnx
 
 from model_zoo import var_tokenizer
 from model_zoo.family import FAMILIES, Batch, Family
-from model_zoo.layers import normal, param
+from model_zoo.layers import normal, param, zeros
 from pretrain import parametrization
 from pretrain.errors import ConfigError
 from pretrain.mesh import constrain
@@ -31,11 +31,6 @@ ACT_BLD = ('act_batch', 'act_length', 'act_embed')
 # Keys of model.var that must equal the stage-1 tokenizer's.
 TOKENIZER_KEYS = ('patch_nums', 'codebook_size', 'latent_channels', 'base_channels',
                   'channel_mult', 'n_phi', 'phi_ratio')
-
-
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
 
 
 def scale_bounds(patch_nums) -> list[tuple[int, int]]:
@@ -71,7 +66,7 @@ class AdaLN(nnx.Module):
 
     def __init__(self, d: int, n: int, init_std: float, param_dtype: str, rngs: nnx.Rngs):
         self.w = param(rngs, normal(init_std), (d, n, d), ('embed', None, None), 'hidden', param_dtype)
-        self.b = param(rngs, _zeros, (n, d), (None, 'norm'), 'vector', param_dtype)
+        self.b = param(rngs, zeros, (n, d), (None, 'norm'), 'vector', param_dtype)
 
     def __call__(self, cond_BD: jax.Array) -> jax.Array:
         return jnp.einsum('bd,dne->bne', jax.nn.silu(cond_BD), self.w[...].astype(cond_BD.dtype)) \
@@ -82,11 +77,12 @@ class SelfAttention(nnx.Module):
     """Multi-head attention with an explicit mask and an optional key/value cache."""
 
     def __init__(self, d: int, heads: int, logit_scale: float, init_std: float, param_dtype: str,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, zero_query: bool = False):
         K = d // heads
         self.logit_scale = logit_scale
         init = normal(init_std)
-        self.wq = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
+        self.wq = param(rngs, zeros if zero_query else init, (d, heads, K),
+                        ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
         self.wk = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
         self.wv = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
         self.wo = param(rngs, init, (heads, K, d), ('heads', 'head_dim', 'embed'), 'hidden', param_dtype)
@@ -117,9 +113,9 @@ class MLP(nnx.Module):
     def __init__(self, d: int, d_ff: int, init_std: float, param_dtype: str, rngs: nnx.Rngs):
         init = normal(init_std)
         self.w1 = param(rngs, init, (d, d_ff), ('embed', 'mlp'), 'hidden', param_dtype)
-        self.b1 = param(rngs, _zeros, (d_ff,), ('mlp',), 'vector', param_dtype)
+        self.b1 = param(rngs, zeros, (d_ff,), ('mlp',), 'vector', param_dtype)
         self.w2 = param(rngs, init, (d_ff, d), ('mlp', 'embed'), 'hidden', param_dtype)
-        self.b2 = param(rngs, _zeros, (d,), ('norm',), 'vector', param_dtype)
+        self.b2 = param(rngs, zeros, (d,), ('norm',), 'vector', param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dt = x_BLD.dtype
@@ -136,7 +132,7 @@ class Block(nnx.Module):
         self.residual_mult = p13n.residual_mult()
         self.ada = AdaLN(d, 6, m.init_std, pd, rngs)
         self.attn = SelfAttention(d, m.n_heads, p13n.attn_logit_scale(d // m.n_heads),
-                                  m.init_std, pd, rngs)
+                                  m.init_std, pd, rngs, zero_query=p13n.zero_query)
         self.mlp = MLP(d, int(round(m.var.mlp_ratio * d)), m.init_std, pd, rngs)
 
     def __call__(self, x_BLD, cond_BD, mask_LM, cache=None):
@@ -169,7 +165,7 @@ class VAR(nnx.Module):
         self.pos_emb = emb((L, d))
         self.level_emb = emb((len(self.patch_nums), d))
         self.word_w = emb((v.latent_channels, d))
-        self.word_b = param(rngs, _zeros, (d,), ('norm',), 'vector', pd)
+        self.word_b = param(rngs, zeros, (d,), ('norm',), 'vector', pd)
         self.blocks = nnx.List([Block(m, p13n, rngs) for _ in range(m.n_layers)])
         self.head_ada = AdaLN(d, 2, std, pd, rngs)
         self.head = param(rngs, normal(std), (d, v.codebook_size), ('embed', 'vocab'), 'readout', pd)

@@ -120,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
         b2=0.95,
         eps=1e-8,
         weight_decay=0.1,
-        weight_decay_mode='coupled',  # 'coupled' (optax adamw) | 'independent' (of the LR) | 'mup_scaled'
+        # 'auto' (coupled under SP; under muP independent with per-step decay lr * weight_decay)
+        # | 'coupled' (optax adamw) | 'independent' (of the LR) | 'mup_scaled'
+        weight_decay_mode='auto',
         grad_clip=1.0,             # global-norm clip; 0 = off
     )
 
@@ -131,8 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
         depth_alpha=0.5,           # depth_mup residual exponent: 0.5 depth-muP, 1.0 CompleteP
         input_mult=1.0,            # embedding output multiplier (alpha_in)
         output_mult=1.0,           # readout multiplier (alpha_out; divided by m under muP)
-        zero_readout=False,        # initialise the readout at zero
-        scale_eps=True,            # Adam eps / m for hidden matrices under muP
+        base_head_dim=0,           # head dim of the base model; 0 = base_width / n_heads
+        zero_readout=False,        # initialise the readout at zero (needs an untied readout)
+        zero_query=False,          # initialise attention query projections at zero
+        scale_eps=True,            # Adam eps follows each role's gradient size under muP
     )
 
     c.schedule = dict(

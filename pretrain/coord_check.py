@@ -5,7 +5,8 @@
 
 For each parametrization and width (base_width = the smallest width, fixed head count, d_ff
 proportional to width), it trains `steps` steps with the real train step on the configured data
-and records mean |x| of each layer's output on a fixed batch after every step. It writes
+and records mean |x| of each layer's output, and of each attention block's pre-softmax logits
+('attn_logits_<i>', reported by the model's capture), on a fixed batch after every step. It writes
 `coord_check.json` (values and the slope of log2 mean|x| vs log2 width per layer and step) and
 `coord_check.png`. Under SP slopes grow with steps (about +1 for the logits); under muP they
 stay near 0. A flat check does not prove LR transfer: only an LR sweep across widths does.

@@ -5,6 +5,8 @@ SP, muP and depth-muP share one chain. Weight-decay modes (lambda = optim.weight
 - 'coupled' (optax.adamw):   p -= eta_t * lr_i * (adam + lambda * p)
 - 'mup_scaled':              as coupled with lambda * m for hidden matrices (eta/m * lambda*m)
 - 'independent':             p -= eta_t * lr_i * adam + lambda * (eta_t / eta_peak) * p
+- 'auto':                    'coupled' under SP; under muP 'independent' with lambda replaced by
+                             eta_peak * lambda (see pretrain/parametrization.py)
 Vector-like parameters (norm gains, biases) get no weight decay.
 """
 
@@ -64,11 +66,21 @@ def _adam(o, info, p13n) -> optax.GradientTransformation:
     eps * c for one parameter is the same as scaling its gradient by 1/c before one shared
     Adam; that keeps a single optimizer state (and multiplying by 1.0 is exact).
     """
-    grad_scale = p13n_lib.per_param(info, lambda role, _: 1.0 / p13n.eps_mult(role))
+    grad_scale = p13n_lib.per_param(info, lambda role, in_block: 1.0 / p13n.eps_mult(role, in_block))
     adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
     if all(s == 1.0 for s in jax.tree.leaves(grad_scale)):
         return adam
     return optax.chain(scale_by_tree(grad_scale), adam)
+
+
+def decay_mode_and_rate(optim_cfg, p13n: p13n_lib.Parametrization) -> tuple[str, float]:
+    """(the mode applied, lambda in that mode's units), with 'auto' resolved."""
+    o = optim_cfg
+    mode = p13n.weight_decay_mode(o.weight_decay_mode)
+    if o.weight_decay_mode == 'auto' and mode == 'independent':
+        # Torch-style lambda -> the fraction coupled decay removes per step at the base width.
+        return mode, o.lr * o.weight_decay
+    return mode, o.weight_decay
 
 
 def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
@@ -76,11 +88,12 @@ def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
     """The full chain; `info` is the ParamInfo tree, `p13n` defaults to SP."""
     o = optim_cfg
     p13n = p13n or p13n_lib.Parametrization()
+    mode, lam = decay_mode_and_rate(o, p13n)
     lr_mults = p13n_lib.per_param(info, p13n.lr_mult)
-    decay = p13n_lib.per_param(info, lambda role, _: o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
+    decay = p13n_lib.per_param(info, lambda role, _: lam * p13n.wd_mult(role, mode))
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
     parts.append(_adam(o, info, p13n))
-    if o.weight_decay_mode == 'independent':
+    if mode == 'independent':
         # Decay follows the schedule's shape (eta_t / eta_peak) but not its size.
         parts += [scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule),
                   add_decay(jax.tree.map(lambda r: -r, decay), lambda t: schedule(t) / o.lr)]
@@ -98,18 +111,18 @@ def applied_rates(optim_cfg, schedule: optax.Schedule, info,
     """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
     o = optim_cfg
     p13n = p13n or p13n_lib.Parametrization()
+    mode, lam = decay_mode_and_rate(o, p13n)
     groups = {}
     for (role, in_block) in set(jax.tree.leaves(p13n_lib.per_param(info, lambda r, b: (r, b)),
                                                 is_leaf=lambda x: isinstance(x, tuple))):
-        groups[_group(role, in_block)] = (p13n.lr_mult(role, in_block),
-                                          o.weight_decay * p13n.wd_mult(role, o.weight_decay_mode))
+        groups[_group(role, in_block)] = (p13n.lr_mult(role, in_block), lam * p13n.wd_mult(role, mode))
 
     def rates(step: jax.Array) -> dict[str, jax.Array]:
         eta = schedule(step)
         out = {}
         for name, (lr_mult, wd) in sorted(groups.items()):
             out[f'lr/{name}'] = eta * lr_mult
-            coupled = o.weight_decay_mode != 'independent'
+            coupled = mode != 'independent'
             out[f'wd/{name}'] = eta * lr_mult * wd if coupled else wd * eta / o.lr
         return out
 

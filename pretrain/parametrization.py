@@ -2,31 +2,85 @@
 
 Width multiplier m = d_model / base_width; depth multiplier m_L = n_layers / base_depth.
 Rules for Adam (Tensor Programs V; depth-muP with exponent alpha on top, alpha = 1/2 for
-depth-muP, 1 for CompleteP):
+depth-muP, 1 for CompleteP). sigma is the init the model builds (model.init_std, or the
+fan-in init of a `hidden_fan_in` matrix):
 
-| role      | init            | forward multiplier     | LR                             |
-|-----------|-----------------|------------------------|--------------------------------|
-| embedding | sigma           | input_mult             | eta                            |
-| hidden    | sigma / sqrt(m) | branch x m_L^-alpha    | eta / m * m_L^(alpha - 1)      |
-| readout   | sigma or 0      | output_mult / m        | eta                            |
-| vector    | (as built)      | -                      | eta (* m_L^(alpha-1) in blocks)|
+| role            | init          | forward mult    | LR                          | Adam eps       |
+|-----------------|---------------|-----------------|-----------------------------|----------------|
+| embedding       | sigma         | input_mult      | eta                         | eps/m          |
+| hidden          | sigma/sqrt(m) | branch x m_L^-a | eta/m * m_L^(a-1)           | eps/m * m_L^-a |
+| hidden_fan_in   | as built      | branch x m_L^-a | eta/m * m_L^(a-1)           | eps/m * m_L^-a |
+| hidden_to_fixed | sigma/m       | -               | eta/m * m_L^(a-1)           | eps * m_L^-a   |
+| readout         | sigma or 0    | output_mult/m   | eta                         | eps/m          |
+| vector          | as built      | -               | eta (* m_L^(a-1) in blocks) | eps/m * m_L^-a |
+
+a = alpha; the m_L factors apply under depth-muP only, and eps's m_L^-a only to parameters
+inside the residual blocks.
+
+- hidden_fan_in: a wide-to-wide matrix whose built init already scales as 1/sqrt(fan_in)
+  (Mamba's dt projection, U(+-R^-0.5)); multiplying by 1/sqrt(m) again would shrink it twice.
+- hidden_to_fixed: a wide-to-fixed matrix inside the network (Mamba's B and C projections,
+  width -> state size N). It is an output layer in Tensor Programs V's sense, written in the
+  form without a forward multiplier: init variance 1/fan_in^2 (sigma / m) and Adam LR 1/fan_in.
+- Adam epsilon (scale_eps) follows each role's gradient size. Under muP the readout multiplier
+  1/m makes the gradient reaching every hidden activation Theta(1/m), so the gradient of every
+  parameter whose output has width in it (embedding, hidden, readout through its own 1/m
+  multiplier, vectors) is Theta(1/m); a hidden_to_fixed matrix feeds a fixed-size output whose
+  gradient sums over the width and stays Theta(1), so its gradient is Theta(1). Under depth-muP
+  a residual branch multiplier m_L^-alpha scales the gradient of every parameter in the blocks
+  by m_L^-alpha. eps is scaled by the same factors, so eps / |grad| stays at its base value.
+  (A vector on a fixed-size path, e.g. Mamba-2's B/C conv, gets eps / m with a Theta(1)
+  gradient: a smaller eps than needed, which is harmless; a larger one would damp updates.)
 
 SP is the same table with m = m_L = 1 in every multiplier (input and output multipliers still
-apply). Attention logits use 1/sqrt(d_head) under SP and sqrt(d_head_base)/d_head under muP, so
-at m = 1 every multiplier is exactly 1.0 and muP reproduces SP bit for bit.
+apply). Attention logits use 1/sqrt(d_head) under SP and sqrt(d_head_base)/d_head under muP,
+where d_head_base is the base model's head dim: `base_head_dim`, or base_width / n_heads when
+0 (the head count held fixed while widening). So the logits stay Theta(1) whether the head dim
+or the head count grows, and at the base shape every multiplier is exactly 1.0 and muP
+reproduces SP bit for bit (with the same weight-decay mode).
 The rules read only roles (and whether a parameter sits in the residual blocks, i.e. under a
 top-level 'blocks' entry), so they apply to every model family.
+
+Weight-decay modes (optim.weight_decay_mode; lambda = optim.weight_decay):
+- 'coupled' (optax adamw), 'independent' (lambda is the fraction removed per step at the peak,
+  times eta_t / eta_peak), 'mup_scaled' (coupled with lambda x m for width-scaled matrices).
+- 'auto' (the default): 'coupled' under SP; under muP 'independent' with the per-step fraction
+  optim.lr x lambda. Coupled decay removes eta/m x lambda per step from a hidden matrix, which
+  fades with width; 'auto' removes what coupled decay removes at the base width, at every width,
+  and keeps lambda's torch-style meaning (lambda = 0.1 as an 'independent' value would remove
+  10% of every weight per step).
 """
 
 import dataclasses
+import math
 
 import jax
 
 from pretrain.errors import ConfigError, check_choice
 
 NAMES = ('sp', 'mup', 'depth_mup')
-WEIGHT_DECAY_MODES = ('coupled', 'independent', 'mup_scaled')
+WEIGHT_DECAY_MODES = ('auto', 'coupled', 'independent', 'mup_scaled')
 BLOCKS_KEY = 'blocks'
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleRule:
+    """A role's init, LR and Adam-eps multipliers as powers of m under muP."""
+    init: float
+    lr: float
+    eps: float
+    width_scaled: bool   # a matrix with the muP LR eta/m (decays like one)
+
+
+ROLE_RULES = {
+    'embedding': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
+    'hidden': RoleRule(init=-0.5, lr=-1.0, eps=-1.0, width_scaled=True),
+    'hidden_fan_in': RoleRule(init=0.0, lr=-1.0, eps=-1.0, width_scaled=True),
+    'hidden_to_fixed': RoleRule(init=-1.0, lr=-1.0, eps=0.0, width_scaled=True),
+    'readout': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
+    'vector': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
+}
+ROLES = tuple(ROLE_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +92,10 @@ class Parametrization:
     input_mult: float = 1.0
     output_mult: float = 1.0
     zero_readout: bool = False
-    scale_eps: bool = True       # Adam eps / m for hidden matrices (avoids underflow at width)
+    zero_query: bool = False     # attention query projections start at 0 (uniform attention)
+    scale_eps: bool = True       # Adam eps follows each role's gradient size (table above)
+    base_head_dim: float = 0.0   # d_head of the base model; 0 = this head dim / m, which is
+                                 # base_width / n_heads with the head count held fixed
 
     @property
     def mup(self) -> bool:
@@ -49,8 +106,12 @@ class Parametrization:
         return self.width_mult if self.mup else 1.0
 
     @property
+    def _depth_mup(self) -> bool:
+        return self.name == 'depth_mup'
+
+    @property
     def _depth_lr(self) -> float:
-        return self.depth_mult ** (self.depth_alpha - 1.0) if self.name == 'depth_mup' else 1.0
+        return self.depth_mult ** (self.depth_alpha - 1.0) if self._depth_mup else 1.0
 
     # Forward multipliers (read by the model).
     def embedding_mult(self) -> float:
@@ -60,33 +121,50 @@ class Parametrization:
         return self.output_mult / self._m
 
     def residual_mult(self) -> float:
-        return self.depth_mult ** -self.depth_alpha if self.name == 'depth_mup' else 1.0
+        return self.depth_mult ** -self.depth_alpha if self._depth_mup else 1.0
+
+    def residual_init_depth(self, n_layers: int) -> float:
+        """The depth in a residual output's sigma / sqrt(depth) init: this model's under SP and
+        muP, the base model's under depth-muP (whose branch multiplier already scales depth)."""
+        return n_layers / self.depth_mult if self._depth_mup else float(n_layers)
 
     def attn_logit_scale(self, head_dim: int) -> float:
-        # Under muP the head dim grows with m (fixed head count): 1/d_head, anchored at the base.
-        return head_dim ** -0.5 * (1.0 / self._m) ** 0.5
+        """1/sqrt(d_head) under SP; sqrt(d_head_base) / d_head under muP (= SP at the base)."""
+        if not self.mup:
+            return head_dim ** -0.5
+        base = self.base_head_dim or head_dim / self.width_mult
+        return head_dim ** -0.5 * math.sqrt(base / head_dim)
 
     # Per-parameter rules (read by init and the optimizer).
     def init_mult(self, role: str) -> float:
         if role == 'readout' and self.zero_readout:
             return 0.0
-        return self._m ** -0.5 if role == 'hidden' else 1.0
+        return self._m ** ROLE_RULES[role].init
 
     def lr_mult(self, role: str, in_block: bool) -> float:
-        if role == 'hidden':
-            return self._depth_lr / self._m
+        if ROLE_RULES[role].width_scaled:
+            return self._depth_lr * self._m ** ROLE_RULES[role].lr
         if role == 'vector' and in_block:
             return self._depth_lr
         return 1.0
 
-    def eps_mult(self, role: str) -> float:
-        return 1.0 / self._m if role == 'hidden' and self.scale_eps else 1.0
+    def eps_mult(self, role: str, in_block: bool) -> float:
+        if not self.scale_eps:
+            return 1.0
+        depth = self.residual_mult() if in_block else 1.0
+        return self._m ** ROLE_RULES[role].eps * depth
+
+    def weight_decay_mode(self, mode: str) -> str:
+        """optim.weight_decay_mode with 'auto' resolved: 'independent' under muP, else 'coupled'."""
+        if mode != 'auto':
+            return mode
+        return 'independent' if self.mup else 'coupled'
 
     def wd_mult(self, role: str, mode: str) -> float:
-        """Relative weight decay: 0 for vectors; x m for hidden under 'mup_scaled'."""
+        """Relative weight decay: 0 for vectors; x m for width-scaled matrices under 'mup_scaled'."""
         if role == 'vector':
             return 0.0
-        return self._m if mode == 'mup_scaled' and role == 'hidden' else 1.0
+        return self._m if mode == 'mup_scaled' and ROLE_RULES[role].width_scaled else 1.0
 
 
 def from_config(cfg) -> Parametrization:
@@ -101,10 +179,23 @@ def from_config(cfg) -> Parametrization:
                           'must be positive (0 = this model)')
     if p.depth_alpha < 0:
         raise ConfigError(f'parametrization.depth_alpha={p.depth_alpha} must be >= 0')
+    if p.zero_readout and cfg.model.tie_embeddings:
+        raise ConfigError('parametrization.zero_readout=True needs an untied readout, but '
+                          'model.tie_embeddings=True: a zero readout would zero the embedding')
     return Parametrization(name=p.name, width_mult=width / base_width, depth_mult=depth / base_depth,
                            depth_alpha=p.depth_alpha, input_mult=p.input_mult,
                            output_mult=p.output_mult, zero_readout=p.zero_readout,
-                           scale_eps=p.scale_eps)
+                           zero_query=p.zero_query, scale_eps=p.scale_eps,
+                           base_head_dim=_base_head_dim(cfg))
+
+
+def _base_head_dim(cfg) -> float:
+    """parametrization.base_head_dim (0: attn_logit_scale derives base_width / n_heads)."""
+    given = cfg.parametrization.base_head_dim
+    if not isinstance(given, int) or isinstance(given, bool) or given < 0:
+        raise ConfigError(f'parametrization.base_head_dim={given!r} must be an integer >= 0 '
+                          '(0 = base_width / model.n_heads: the head count held fixed)')
+    return float(given)
 
 
 def _in_block(path) -> bool:

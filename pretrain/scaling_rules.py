@@ -10,7 +10,10 @@ Rules (k = B / B0, the target's batch over the reference's, in tokens):
 - 'none':            nothing changes.
 - 'sqrt_adam':       Malladi et al. 2022: lr x sqrt(k), (1 - b1) x k, (1 - b2) x k, eps / sqrt(k);
                      betas clamped into [0, BETA_MAX]. EMA momentum rho -> rho^k (Busbridge et
-                     al. 2023) when scaling.ref_ema_momentum > 0.
+                     al. 2023) when scaling.ref_ema_momentum > 0. Weight decay is kept (then the
+                     AdamW timescale tau = B / (eta lambda D) changes), or with
+                     scaling.sqrt_adam_keep_timescale set so that tau is kept at the same D:
+                     lambda x sqrt(k) (torch-style lambda), x k for 'independent' decay.
 - 'linear_sgd':      lr x k (and the same EMA rule).
 - 'adamw_timescale': Wang & Aitchison 2024, Bergsma et al. 2025: keeps tau = B / (eta lambda D)
                      and solves for the target's lambda; eta is the target's optim.lr. With
@@ -18,7 +21,7 @@ Rules (k = B / B0, the target's batch over the reference's, in tokens):
                      Lines report p ~ -0.5).
 - 'step_law':        Li et al. 2025: eta = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571 tokens.
 - 'deepseek':        DeepSeek LLM 2024: eta = 0.3118 C^-0.125, B = 0.2920 C^0.3271 tokens,
-                     C = M D, M = 72 n_layers d^2 + 6 n_layers d seq_len (FLOPs per token).
+                     C = M D, M = 72 n_layers d^2 + 12 n_layers d seq_len (FLOPs per token).
 The last two set the batch size in sequences (round(B / seq_len), at least 1, a multiple of
 `batch_multiple`) and, with scaling.keep_tokens, train.steps so that the run still trains on
 the D the law was evaluated at.
@@ -35,8 +38,9 @@ from pretrain.registry import Registry
 # A beta of exactly 1 never forgets (and optim.validate rejects it); the sqrt rule at small k
 # can round up to it.
 BETA_MAX = 1.0 - 1e-6
-# DeepSeek's M counts the attention score/value matmuls per token with this coefficient.
-DEEPSEEK_ATTN_COEF = 6
+# DeepSeek LLM's M counts the attention score/value matmuls per token with this coefficient
+# (M = 72 n_layer d^2 + 12 n_layer d l_seq, their eq. for non-embedding FLOPs per token).
+DEEPSEEK_ATTN_COEF = 12
 
 # HParams field -> the config key it is written to (ema_momentum has no config key yet).
 CONFIG_KEYS = {
@@ -66,6 +70,7 @@ def default_config() -> dict:
         ref_ema_momentum=0.0,      # reference EMA momentum rho; 0 = no EMA
         timescale_power=0.0,       # adamw_timescale: tau ∝ (D/N)^p; 0 = keep tau (-0.5 reported)
         keep_tokens=True,          # step_law/deepseek: also set train.steps to keep D
+        sqrt_adam_keep_timescale=False,  # sqrt_adam: also scale weight decay to keep tau
     )
 
 
@@ -128,8 +133,9 @@ def validate(cfg) -> None:
     for key in ('ref_lr', 'ref_weight_decay', 'ref_eps', 'timescale_power'):
         if not _is_number(s[key]):
             raise ConfigError(f'scaling.{key}={s[key]!r} must be a finite number')
-    if not isinstance(s.keep_tokens, bool):
-        raise ConfigError(f'scaling.keep_tokens={s.keep_tokens!r} must be True or False')
+    for key in ('keep_tokens', 'sqrt_adam_keep_timescale'):
+        if not isinstance(s[key], bool):
+            raise ConfigError(f'scaling.{key}={s[key]!r} must be True or False')
     for key in ('ref_ema_momentum', 'ref_b1', 'ref_b2'):
         if not _is_number(s[key]) or not 0.0 <= s[key] < 1.0:
             raise ConfigError(f'scaling.{key}={s[key]!r} must be in [0, 1)')
@@ -219,10 +225,28 @@ def _sqrt_adam(c: _Context) -> tuple[dict[str, Any], list[str]]:
         lines += beta_lines
     lines.append(f'optim.eps = ref_eps / sqrt(k) = {_g(r.eps)} / {_g(math.sqrt(k))} = '
                  f'{_g(out["eps"])}')
-    lines.append(f'optim.weight_decay = {_g(c.target.weight_decay)} (kept: the rule does not set '
-                 'it)')
+    wd, wd_lines = _sqrt_adam_decay(c, k)
     ema, ema_lines = _ema(c, k)
-    return out | ema, lines + ema_lines
+    return out | wd | ema, lines + wd_lines + ema_lines
+
+
+def _sqrt_adam_decay(c: _Context, k: float) -> tuple[dict[str, Any], list[str]]:
+    """Weight decay under the square-root rule: kept, or scaled so that tau = B/(eta lambda D)
+    stays at the same D (eta lambda x k per step: lambda x sqrt(k) when decay is coupled to the
+    LR, x k when optim.weight_decay is itself the per-step fraction ('independent')."""
+    wd0 = c.target.weight_decay
+    independent = c.cfg.optim.weight_decay_mode == 'independent'
+    factor, formula = (k, 'k') if independent else (math.sqrt(k), 'sqrt(k)')
+    if not c.cfg.scaling.sqrt_adam_keep_timescale:
+        return {}, [f'optim.weight_decay = {_g(wd0)} (kept: scaling.sqrt_adam_keep_timescale is '
+                    f'False, so the AdamW timescale tau = B / (eta lambda D) changes by x '
+                    f'{formula} = {_g(factor)})']
+    wd = wd0 * factor
+    why = ("weight_decay_mode='independent': lambda is the per-step decay" if independent
+           else 'torch-style lambda, applied as eta * lambda per step')
+    return {'weight_decay': wd}, [
+        f'optim.weight_decay = weight_decay * {formula} = {_g(wd0)} * {_g(factor)} = {_g(wd)} '
+        f'(keeps tau = B / (eta lambda D) at the same D; {why})']
 
 
 @RULES.register('linear_sgd')
@@ -264,8 +288,10 @@ def _adamw_timescale(c: _Context) -> tuple[dict[str, Any], list[str]]:
                      f'torch-style {_g(per_step / eta)})')
     else:
         wd = per_step / eta
+        note = (" (weight_decay_mode='auto': torch-style lambda, applied as eta * lambda per step)"
+                if mode == 'auto' else '')
         lines.append(f'optim.weight_decay = B / (eta * tau * D) = {b} / ({_g(eta)} * {_g(tau)} * '
-                     f'{c.tokens}) = {_g(wd)} (eta = the target optim.lr)')
+                     f'{c.tokens}) = {_g(wd)} (eta = the target optim.lr){note}')
     return {'weight_decay': wd}, lines
 
 
@@ -302,10 +328,15 @@ def _step_law(c: _Context) -> tuple[dict[str, Any], list[str]]:
     return {'lr': lr} | batch, lines + batch_lines
 
 
+def deepseek_flops_per_token(n_layers: int, d_model: int, seq_len: int) -> int:
+    """DeepSeek LLM's M: non-embedding training FLOPs per token, attention included."""
+    return 72 * n_layers * d_model ** 2 + DEEPSEEK_ATTN_COEF * n_layers * d_model * seq_len
+
+
 @RULES.register('deepseek')
 def _deepseek(c: _Context) -> tuple[dict[str, Any], list[str]]:
     n_layers, d_model, l_seq = c.cfg.model.n_layers, c.cfg.model.d_model, c.seq_len
-    m = 72 * n_layers * d_model ** 2 + DEEPSEEK_ATTN_COEF * n_layers * d_model * l_seq
+    m = deepseek_flops_per_token(n_layers, d_model, l_seq)
     compute = m * c.tokens
     lr = 0.3118 * compute ** -0.125
     b_opt = 0.2920 * compute ** 0.3271

@@ -1,4 +1,5 @@
-"""SP / muP / depth-muP rules: equality at the base shape, each rule row, decay modes, coord check."""
+"""SP / muP / depth-muP rules: equality at the base shape, each rule row, attention logit scale,
+Adam epsilon per role, zero-init options, decay modes (and 'auto'), coord check."""
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,15 @@ def _cfg(name='sp', width=32, base_width=0, depth=2, base_depth=0, **optim_cfg):
 
 @pytest.mark.parametrize('name', ['mup', 'depth_mup'])
 def test_mup_at_the_base_shape_is_sp_bit_for_bit(name):
+    # Same decay mode on both sides: 'auto' picks 'coupled' for SP and 'independent' for muP.
+    sp = _one_step_losses(_cfg('sp', weight_decay_mode='coupled'), steps=3)
+    mup = _cfg(name, base_width=32, base_depth=2, weight_decay_mode='coupled')
+    assert _one_step_losses(mup, steps=3) == sp
+
+
+def test_auto_decay_at_the_base_shape_matches_sp_to_rounding():
     sp = _one_step_losses(_cfg('sp'), steps=3)
-    assert _one_step_losses(_cfg(name, base_width=32, base_depth=2), steps=3) == sp
+    np.testing.assert_allclose(_one_step_losses(_cfg('mup', base_width=32), steps=3), sp, rtol=1e-5)
 
 
 def _init_params(c):
@@ -69,6 +77,80 @@ def test_forward_multipliers():
     assert sp.blocks[0].attn.logit_scale == head_dim ** -0.5
 
 
+@pytest.mark.parametrize('width, heads, base_head_dim, expected', [
+    # Head count fixed (4 heads, base width 64 -> base head dim 16), head dim 16 -> 64:
+    # sqrt(16) / 64 = 1/16, where SP has 1/sqrt(64) = 1/8.
+    (256, 4, 0, 4 / 64),
+    # Head dim fixed at 16 (heads 4 -> 16): sqrt(16) / 16 = 1/4, the SP value; the old rule
+    # (1/sqrt(d_head) * m^-0.5) gave 1/8 here.
+    (256, 16, 16, 4 / 16),
+    # Both grow (8 heads of 32 at width 256): sqrt(16) / 32 = 1/8.
+    (256, 8, 16, 4 / 32),
+    # Base head dim derived from this model's heads (16): 64 / 16 = 4 -> sqrt(4) / 16.
+    (256, 16, 0, 2 / 16),
+])
+def test_attention_logit_scale_for_both_ways_of_widening(width, heads, base_head_dim, expected):
+    c = _cfg('mup', width=width, base_width=64)
+    c.model.update(n_heads=heads, n_kv_heads=heads)
+    c.parametrization.base_head_dim = base_head_dim
+    model = FAMILY.build(c, nnx.Rngs(0))
+    np.testing.assert_allclose(model.blocks[0].attn.logit_scale, expected, rtol=1e-12)
+    c.parametrization.name = 'sp'
+    assert FAMILY.build(c, nnx.Rngs(0)).blocks[0].attn.logit_scale == (width // heads) ** -0.5
+
+
+def test_attention_logits_stay_order_one_for_aligned_queries_and_keys():
+    # Once trained, q and k have correlated coordinates of size Theta(1): q.k grows like d_head.
+    # With q = k = 1 the logit is scale * d_head, which muP keeps at sqrt(d_head_base) = 4.
+    for head_dim, p13n in [(16, parametrization.Parametrization('mup', 1.0, base_head_dim=16)),
+                           (64, parametrization.Parametrization('mup', 4.0, base_head_dim=16)),
+                           (64, parametrization.Parametrization('mup', 4.0)),   # heads fixed
+                           (16, parametrization.Parametrization('mup', 4.0, base_head_dim=16))]:
+        assert p13n.attn_logit_scale(head_dim) * head_dim == pytest.approx(4.0)
+
+
+def test_bad_base_head_dim_is_named():
+    c = _cfg('mup', width=96, base_width=48)
+    c.parametrization.base_head_dim = -1
+    with pytest.raises(ConfigError, match='parametrization.base_head_dim=-1'):
+        parametrization.from_config(c)
+
+
+def test_var_attention_uses_the_same_scale():
+    from model_zoo import var
+    c = _cfg('mup', width=256, base_width=64)
+    c.model.update(**var.depth_rule(4))           # 4 layers of width 256, 4 heads of 64
+    c.parametrization.base_head_dim = 64          # VAR's depth rule keeps 64-dim heads
+    p13n = parametrization.from_config(c)
+    block = var.Block(c.model, p13n, nnx.Rngs(0))
+    assert block.attn.logit_scale == p13n.attn_logit_scale(64) == 64 ** -0.5
+
+
+def test_zero_query_and_zero_readout():
+    c = _cfg('mup', width=64, base_width=32)
+    c.parametrization.update(zero_query=True, zero_readout=True)
+    params, _ = _init_params(c)
+    attn = params['blocks'][0]['attn']
+    assert not np.asarray(attn['wq']).any() and not np.asarray(params['head']).any()
+    assert np.asarray(attn['wk']).std() > 0 and np.asarray(attn['wv']).std() > 0
+    c.parametrization.update(zero_query=False, zero_readout=False)
+    params, _ = _init_params(c)
+    assert np.asarray(params['blocks'][0]['attn']['wq']).std() > 0
+    from model_zoo import var
+    c.model.update(**var.depth_rule(2))
+    c.parametrization.update(zero_query=True, base_head_dim=64)
+    block = var.Block(c.model, parametrization.from_config(c), nnx.Rngs(0))
+    assert not np.asarray(block.attn.wq[...]).any()
+
+
+def test_zero_readout_with_tied_embeddings_is_an_error():
+    c = _cfg('mup', width=64, base_width=32)
+    c.parametrization.zero_readout = True
+    c.model.tie_embeddings = True
+    with pytest.raises(ConfigError, match='parametrization.zero_readout.*model.tie_embeddings'):
+        parametrization.from_config(c)
+
+
 def _first_update(c, grads_fn):
     params, md = _init_params(c)
     p13n = parametrization.from_config(c)
@@ -103,24 +185,58 @@ def test_depth_mup_lr_multipliers():
     np.testing.assert_allclose(np.abs(updates['final_norm']['scale']), LR, rtol=1e-4)
 
 
-def test_adam_epsilon_is_scaled_for_hidden_matrices():
+def test_adam_epsilon_follows_every_roles_gradient_scale():
+    # Under muP every gradient here is Theta(1/m) (the 1/m readout multiplier reaches every
+    # activation's gradient), so eps / m for every role; the first Adam step is
+    # g / (|g| + eps_i) times the LR multiplier.
     g, eps = 1e-9, 1e-8
     c = _cfg('mup', width=128, base_width=32, weight_decay=0.0, grad_clip=0.0, eps=eps)
     _, updates = _first_update(c, lambda p: jnp.full_like(p, g))
     m = 4.0
-    # First Adam step: g / (|g| + eps_i), times the LR multiplier.
     np.testing.assert_allclose(-updates['blocks'][0]['mlp']['w_up'], LR / m * g / (g + eps / m), rtol=1e-4)
-    np.testing.assert_allclose(-updates['embed']['table'], LR * g / (g + eps), rtol=1e-4)
+    for leaf in (updates['embed']['table'], updates['head'], updates['final_norm']['scale'],
+                 updates['blocks'][0]['attn_norm']['scale']):
+        np.testing.assert_allclose(-leaf, LR * g / (g + eps / m), rtol=1e-4)
+    c.parametrization.scale_eps = False
+    _, updates = _first_update(c, lambda p: jnp.full_like(p, g))
+    np.testing.assert_allclose(-updates['head'], LR * g / (g + eps), rtol=1e-4)
 
 
-@pytest.mark.parametrize('mode', ['coupled', 'independent', 'mup_scaled'])
+def test_adam_epsilon_depth_scaling_inside_the_blocks():
+    # depth-muP: the branch multiplier m_L^-alpha = 4^-0.5 scales in-block gradients, and eps.
+    g, eps = 1e-9, 1e-8
+    c = _cfg('depth_mup', width=64, base_width=32, depth=4, base_depth=1, weight_decay=0.0,
+             grad_clip=0.0, eps=eps)
+    _, updates = _first_update(c, lambda p: jnp.full_like(p, g))
+    m, branch, depth_lr = 2.0, 0.5, 0.5   # depth_lr = m_L^(alpha - 1) = 4^-0.5
+    np.testing.assert_allclose(-updates['blocks'][1]['attn']['wq'],
+                               LR / m * depth_lr * g / (g + eps / m * branch), rtol=1e-4)
+    np.testing.assert_allclose(-updates['blocks'][1]['mlp_norm']['scale'],
+                               LR * depth_lr * g / (g + eps / m * branch), rtol=1e-4)
+    np.testing.assert_allclose(-updates['embed']['table'], LR * g / (g + eps / m), rtol=1e-4)
+    np.testing.assert_allclose(-updates['final_norm']['scale'], LR * g / (g + eps / m), rtol=1e-4)
+
+
+def test_eps_and_lr_rules_of_the_ssm_roles():
+    p13n = parametrization.Parametrization('mup', width_mult=8.0)
+    assert p13n.init_mult('hidden_fan_in') == 1.0 and p13n.init_mult('hidden_to_fixed') == 1 / 8
+    assert p13n.lr_mult('hidden_fan_in', True) == p13n.lr_mult('hidden_to_fixed', True) == 1 / 8
+    assert p13n.eps_mult('hidden_to_fixed', True) == 1.0       # its gradient stays Theta(1)
+    assert p13n.eps_mult('hidden_fan_in', True) == 1 / 8
+    assert p13n.wd_mult('hidden_to_fixed', 'mup_scaled') == 8.0
+
+
+@pytest.mark.parametrize('mode', ['coupled', 'independent', 'mup_scaled', 'auto'])
 def test_weight_decay_modes(mode):
     lam, m = 0.1, 4.0
     c = _cfg('mup', width=128, base_width=32, weight_decay=lam, weight_decay_mode=mode, grad_clip=0.0)
     c.schedule.update(kind='linear', total_steps=4)     # lr(0) = LR, so the relative schedule is 1
     params, updates = _first_update(c, jnp.zeros_like)  # zero gradients: only decay moves params
     w, dw = params['blocks'][0]['mlp']['w_up'], updates['blocks'][0]['mlp']['w_up']
-    expected = {'coupled': LR / m * lam, 'independent': lam, 'mup_scaled': LR * lam}[mode]
+    # 'auto' under muP: independent, removing LR * lambda per step (what coupled decay removes
+    # at the base width) at every width, instead of coupled's LR / m * lambda.
+    expected = {'coupled': LR / m * lam, 'independent': lam, 'mup_scaled': LR * lam,
+                'auto': LR * lam}[mode]
     np.testing.assert_allclose(dw, -expected * w, rtol=1e-5, atol=1e-12)
     assert not np.asarray(updates['final_norm']['scale']).any()   # vectors never decay
     rates = optim.applied_rates(c.optim, schedules.make_schedule(
@@ -129,6 +245,16 @@ def test_weight_decay_modes(mode):
     np.testing.assert_allclose(rates['wd/hidden'], expected, rtol=1e-6)
     np.testing.assert_allclose(rates['lr/hidden'], LR / m, rtol=1e-6)
     assert rates['wd/vector'] == 0.0
+
+
+def test_auto_decay_is_coupled_under_sp():
+    lam = 0.1
+    c = _cfg('sp', width=128, weight_decay=lam, grad_clip=0.0)
+    assert c.optim.weight_decay_mode == 'auto'   # the default
+    _, auto = _first_update(c, jnp.ones_like)
+    c.optim.weight_decay_mode = 'coupled'
+    _, coupled = _first_update(c, jnp.ones_like)
+    jax.tree.map(np.testing.assert_array_equal, auto, coupled)
 
 
 def test_bad_parametrization_is_named():
@@ -151,4 +277,12 @@ def test_coordinate_check_separates_sp_from_mup(tmp_path):
     assert min(sp[k][-1] for k in hidden) > 0.7            # SP: activations grow with width
     assert max(abs(mup[k][-1]) for k in hidden) < 0.3      # muP: near flat
     assert abs(mup['logits'][-1]) < 0.3
+    # The attention logits are reported too (fixed head count: the head dim grows with width).
+    # After 3 steps they are still small (mean |logit| ~0.01-0.2) and their muP slopes move
+    # between about -0.5 (the init, where q.k ~ sqrt(d_head) times the 1/d_head scale) and +0.4;
+    # SP's grow about as width^2.5.
+    attn = [k for k in mup if k.startswith('attn_logits_')]
+    assert len(attn) == c.model.n_layers
+    assert min(sp[k][-1] for k in attn) > 1.5
+    assert max(mup[k][-1] for k in attn) < 0.8
     assert (tmp_path / 'coord_check.json').exists() and (tmp_path / 'coord_check.png').stat().st_size > 0

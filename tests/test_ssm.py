@@ -326,3 +326,89 @@ def test_published_size_configs_validate_and_have_their_sizes(name, millions):
     config_lib.validate(c, num_devices=8)
     n = state_lib.param_count(state_lib.model_def(FAMILY.build, c))
     assert abs(n / 1e6 - millions) / millions < 0.1, n
+
+
+# ---------------------------------------------------------------------------------------------
+# muP roles of the SSM parameters (table in model_zoo/mamba.py)
+
+def _scaled_init(c):
+    """The parameters as the trainer initialises them (built init x the role's muP multiplier)."""
+    md = state_lib.model_def(FAMILY.build, c)
+    params = nnx.to_pure_dict(nnx.state(FAMILY.build(c, nnx.Rngs(0)), nnx.Param))
+    return parametrization.scale_init(params, md.info, parametrization.from_config(c)), md
+
+
+def _width_config(version, name, width, **p13n):
+    c = _config(version=version)
+    c.model.update(d_model=width, n_layers=2)
+    c.parametrization.update(name=name, base_width=64, **p13n)
+    return c
+
+
+_SIGMA = 0.02
+
+
+@pytest.mark.parametrize('name', ['sp', 'mup'])
+def test_mamba1_init_std_per_matrix_at_widths_64_and_512(name):
+    for width in (64, 512):
+        m = width / 64 if name == 'mup' else 1.0
+        R = math.ceil(width / 16)
+        mixer = _scaled_init(_width_config(1, name, width))[0]['blocks'][0]['mixer']
+        expected = {
+            'w_x': _SIGMA / math.sqrt(m),
+            'w_dt_low': _SIGMA / math.sqrt(m),
+            # U(+-R^-0.5) already scales with its fan-in R: 0.289 at 64, 0.102 at 512, under
+            # SP and muP alike (the old double shrink gave 0.036 at 512).
+            'w_dt': R ** -0.5 / math.sqrt(3),
+            'w_B': _SIGMA / m,      # width -> state size: TP5 output layer, std ~ 1/fan_in
+            'w_C': _SIGMA / m,
+            'w_out': _SIGMA / math.sqrt(2) / math.sqrt(m),   # sigma/sqrt(n_layers), hidden
+        }
+        for key, std in expected.items():
+            np.testing.assert_allclose(np.asarray(mixer[key]).std(), std, rtol=0.1, err_msg=key)
+
+
+def test_mamba2_init_std_per_matrix_under_mup():
+    for width in (64, 512):
+        m = width / 64
+        mixer = _scaled_init(_width_config(2, 'mup', width))[0]['blocks'][0]['mixer']
+        for key, std in {'w_x': _SIGMA / math.sqrt(m), 'w_dt': _SIGMA / math.sqrt(m),
+                         'w_B': _SIGMA / m, 'w_C': _SIGMA / m,
+                         'w_out': _SIGMA / math.sqrt(2) / math.sqrt(m)}.items():
+            np.testing.assert_allclose(np.asarray(mixer[key]).std(), std, rtol=0.1, err_msg=key)
+
+
+@pytest.mark.parametrize('version', [1, 2])
+def test_depth_mup_scales_the_ssm_branch_once(version):
+    # 4 layers over a 1-layer base: the branch multiplier is 4^-0.5 and w_out keeps the base
+    # model's sigma / sqrt(1); SP at 4 layers uses sigma / sqrt(4) and no multiplier.
+    c = _width_config(version, 'depth_mup', 64, base_depth=1)
+    c.model.n_layers = 4
+    params, _ = _scaled_init(c)
+    model = FAMILY.build(c, nnx.Rngs(0))
+    assert model.blocks[0].residual_mult == 0.5
+    np.testing.assert_allclose(np.asarray(params['blocks'][0]['mixer']['w_out']).std(), _SIGMA, rtol=0.1)
+    c.parametrization.name = 'sp'
+    params, _ = _scaled_init(c)
+    assert FAMILY.build(c, nnx.Rngs(0)).blocks[0].residual_mult == 1.0
+    np.testing.assert_allclose(np.asarray(params['blocks'][0]['mixer']['w_out']).std(), _SIGMA / 2,
+                               rtol=0.1)
+
+
+def test_mamba1_first_adam_step_per_role_under_mup():
+    from pretrain import optim
+    c = _width_config(1, 'mup', 256)
+    c.optim.update(lr=1e-2, weight_decay=0.0, grad_clip=0.0, eps=1e-12)
+    params, md = _scaled_init(c)
+    tx = optim.make_optimizer(c.optim, lambda step: 1e-2, md.info, parametrization.from_config(c))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    mixer = updates['blocks'][0]['mixer']
+    for key, lr in {'w_B': 1e-2 / 4, 'w_dt': 1e-2 / 4, 'w_x': 1e-2 / 4, 'dt_bias': 1e-2}.items():
+        np.testing.assert_allclose(np.abs(np.asarray(mixer[key])), lr, rtol=1e-4, err_msg=key)
+
+
+def test_fixed_dt_rank_under_mup_is_an_error():
+    c = _width_config(1, 'mup', 128)
+    c.model.ssm.dt_rank = 8
+    with pytest.raises(ConfigError, match='model.ssm.dt_rank=8'):
+        config_lib.validate(c, num_devices=1)

@@ -32,6 +32,7 @@ def get_sweep() -> Sweep:
             # muP with the readout multiplier that docs/mutransfer.md found for the base model.
             'parametrization.name': 'mup', 'parametrization.base_width': 64,
             'parametrization.output_mult': 4.0, 'optim.lr': 3e-3,
+            'parametrization.base_head_dim': 16,   # heads grow, the head dim stays 16
             'schedule.warmup_steps': 50,
             'train.log_every': 10, 'train.eval_every': 150, 'train.eval_batches': 8,
             'metrics.tensorboard': False, 'metrics.peak_flops_per_device': 1e12,

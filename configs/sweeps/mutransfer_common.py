@@ -33,7 +33,7 @@ def fixed(steps: int = STEPS) -> dict:
         'schedule.min_lr_ratio': 0.0,
         'optim.weight_decay_mode': 'independent', 'optim.weight_decay': 3e-4,
         'parametrization.base_width': BASE_WIDTH, 'parametrization.base_depth': BASE_DEPTH,
-        'checkpoint.every_steps': 250, 'checkpoint.keep_last': 1,
+        'checkpoint.every_steps': 250, 'checkpoint.keep_last': 1, 'checkpoint.keep_every': 0,
         'mesh.ici.data': 1,   # one device per run: runs go side by side instead
         'metrics.tensorboard': False, 'metrics.peak_flops_per_device': 1e12,
     }

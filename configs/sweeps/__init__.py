@@ -1,0 +1,1 @@
+"""Sweep files for pretrain.sweep (see each file's docstring)."""

@@ -1,0 +1,50 @@
+"""Step 3 of µTransfer: the tuned base model deepened 2 -> 16 layers under SP, depth-µP (alpha
+1/2) and CompleteP (alpha 1), 3 seeds, LR swept.
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_depth.py \
+        --workdir=docs/depth_transfer/depth_sweep --parallel=2
+    python -m pretrain.fit --sweep_dir=docs/depth_transfer/depth_sweep --transfer=depth
+
+At the base width (32), so only the depth rules act; the base depth is 2 (where all three are
+the same model). The grid is half-octave, 7 points centred on the tuned LR (for SP on where its
+optimum is expected, about half an octave lower per doubling of depth).
+"""
+
+import math
+
+from configs.sweeps import mutransfer_common as common
+from configs.sweeps.mutransfer_width import TUNED
+from pretrain.study.sweep import Sweep
+
+DEPTHS = [2, 4, 8, 16]
+SEEDS = [0, 1, 2]
+VARIANTS = {'sp': {'parametrization.name': 'sp'},
+            'depth_mup': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 0.5},
+            'completep': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 1.0}}
+SP_DRIFT_HALF_OCTAVES_PER_DOUBLING = -1
+EXTRA = {}   # {(variant, depth): [k, ...]} points added where a grid missed its optimum
+
+
+def _centre(variant: str, depth: int) -> int:
+    k = round(2 * math.log2(TUNED['optim.lr']))
+    if variant == 'sp':
+        k += round(SP_DRIFT_HALF_OCTAVES_PER_DOUBLING * math.log2(depth / common.BASE_DEPTH))
+    return k
+
+
+def points() -> list[dict]:
+    out = []
+    for seed in SEEDS:
+        for depth in DEPTHS:
+            for variant, values in VARIANTS.items():
+                centre = _centre(variant, depth)
+                for k in sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), []))):
+                    out.append({**values, 'model.n_layers': depth, 'seed': seed,
+                                'optim.lr': 2.0 ** (k / 2)})
+    return out
+
+
+def get_sweep() -> Sweep:
+    tuned = {k: v for k, v in TUNED.items() if k != 'optim.lr'}
+    return Sweep(base='configs/lm_tiny.py', points=points(),
+                 fixed={**common.fixed(), **tuned}, derive=common.shape)

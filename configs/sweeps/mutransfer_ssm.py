@@ -1,0 +1,37 @@
+"""Step 4 of µTransfer: the Mamba family (Mamba-2, SSD scan) widened 32 -> 128 under SP and µP.
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_ssm.py \
+        --workdir=docs/mutransfer/ssm_sweep --parallel=2
+    python -m pretrain.fit --sweep_dir=docs/mutransfer/ssm_sweep --transfer=width
+
+Three widths, one seed (the SSM scan makes each run several times a transformer's on a CPU),
+the protocol of mutransfer_common.py with 2 Mamba-2 blocks (d_state 16, head dim 16: the head
+count grows with width), default multipliers (the transformer's tuned ones are not this
+family's), and a 9-point half-octave LR grid around 2^-8.5 for both parametrizations.
+"""
+
+from configs.sweeps import mutransfer_common as common
+from pretrain.study.sweep import Sweep
+
+WIDTHS = [32, 64, 128]
+SEEDS = [0]
+CENTRE = -17   # half-octaves: 2^-8.5 = 2.8e-3, the tiny configs' LR
+EXTRA = {}
+
+
+def points() -> list[dict]:
+    out = []
+    for seed in SEEDS:
+        for width in WIDTHS:
+            for variant in ('mup', 'sp'):
+                for k in sorted(set(range(CENTRE - 4, CENTRE + 5)) | set(EXTRA.get((variant, width), []))):
+                    out.append({'parametrization.name': variant, 'model.d_model': width, 'seed': seed,
+                                'optim.lr': 2.0 ** (k / 2)})
+    return out
+
+
+def get_sweep() -> Sweep:
+    return Sweep(base='configs/ssm_tiny.py', points=points(),
+                 fixed={**common.fixed(), 'model.ssm.version': 2, 'model.ssm.d_state': 16,
+                        'model.ssm.headdim': 16, 'model.ssm.chunk_size': 32},
+                 derive=lambda p: {'model.d_model': p['model.d_model']})

@@ -1,0 +1,64 @@
+"""Step 2 of µTransfer: the tuned base model widened 32 -> 512 under SP and µP, 3 seeds, LR swept.
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py \
+        --workdir=docs/mutransfer/width_sweep --parallel=2
+    python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width
+
+Both parametrizations get the tuned multipliers of configs/sweeps/mutransfer_tuned.py (so the
+comparison is fair; at width 32 they are the same model, bit for bit). Widths 32-512 are four
+doublings: width 512 costs about 10 minutes a run on a 2-core CPU, so 1024 was left out. The LR
+grid is half-octave, 7 points centred on the tuned LR for µP and on where SP's optimum is expected
+(about -0.6 octave per doubling); a grid that does not bracket its optimum gets points added on
+that side (adding points renames no run). Runs are ordered seed by seed, so a partial sweep
+already covers every width. `LONG_WIDTHS` repeat at 4x the steps.
+"""
+
+import math
+
+from configs.sweeps import mutransfer_common as common
+from pretrain.study.sweep import Sweep
+
+try:
+    from configs.sweeps.mutransfer_tuned import TUNED
+except ImportError as e:   # the base sweep has not been run and chosen from yet
+    raise ImportError('configs/sweeps/mutransfer_tuned.py is missing: run the base-tuning sweep '
+                      '(configs/sweeps/mutransfer_base.py) and --choose_base first') from e
+
+WIDTHS = [32, 64, 128, 256, 512]
+LONG_WIDTHS = [32, 64]
+SEEDS = [0, 1, 2]
+SP_DRIFT_HALF_OCTAVES_PER_DOUBLING = -1.25
+EXTRA = {}   # {(variant, width): [k, ...]} half-octave points added where a grid missed its optimum
+
+
+def _centre(variant: str, width: int) -> int:
+    k = round(2 * math.log2(TUNED['optim.lr']))
+    if variant == 'sp':
+        k += round(SP_DRIFT_HALF_OCTAVES_PER_DOUBLING * math.log2(width / common.BASE_WIDTH))
+    return k
+
+
+def points(widths, steps: int) -> list[dict]:
+    out = []
+    for seed in SEEDS:
+        for width in widths:
+            for variant in ('mup', 'sp'):
+                ks = sorted(set(range(_centre(variant, width) - 3, _centre(variant, width) + 4))
+                            | set(EXTRA.get((variant, width), [])))
+                for k in ks:
+                    out.append({'parametrization.name': variant, 'model.d_model': width,
+                                'train.steps': steps, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)})
+    return out
+
+
+def derive(point: dict) -> dict:
+    steps = point['train.steps']
+    return {**common.shape(point), 'schedule.warmup_steps': steps // 10,
+            'schedule.decay_steps': steps // 5, 'train.eval_every': steps}
+
+
+def get_sweep() -> Sweep:
+    tuned = {k: v for k, v in TUNED.items() if k != 'optim.lr'}
+    return Sweep(base='configs/lm_tiny.py',
+                 points=points(WIDTHS, common.STEPS) + points(LONG_WIDTHS, 4 * common.STEPS),
+                 fixed={**common.fixed(), **tuned}, derive=derive)

@@ -1,0 +1,406 @@
+"""µTransfer verdicts from an LR sweep with seeds: does the base model's optimal LR transfer across
+width (or depth), and is every larger model better at that LR?
+
+    python -m pretrain.study.transfer --sweep_dir=runs/mutransfer_width --axis=width --out=DIR
+
+Runs are grouped by (variant, steps, size): the variant is the parametrization (sp, mup,
+depth_mup, completep = depth_mup with alpha 1), the size is d_model (axis=width) or n_layers
+(axis=depth). Within a group the loss of each (seed, LR) is the held-out loss at the end of the
+run; a diverged run counts as an infinite loss. Every number below is computed here:
+
+- optimum per size: the vertex of a parabola in log2 LR through the best seed-averaged grid point
+  and its two neighbours; `bracketed` when at least two evaluated points lie on each side of the
+  best one (a diverged LR counts as evaluated);
+- drift: the least-squares slope of log2(optimal LR) against log2(size), in octaves per doubling,
+  and over the whole range; a 95% bootstrap interval resamples the seeds of every size;
+- larger-is-better: at the transferred LR (the base size's optimum, snapped to the nearest grid LR
+  run at every size) the loss at each size minus the previous size's, paired by seed, with a 95%
+  t interval;
+- at the largest size, mup-like variants at the transferred LR against SP tuned at that size,
+  paired by seed;
+- the noise floor: the median over (size, LR) of the standard deviation across seeds.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+TRANSFER_GOAL_OCTAVES = 0.5   # |drift over the whole range| the mup-like variants must stay under
+MUP_LIKE = ('mup', 'depth_mup', 'completep')
+
+
+def variant_of(config: Mapping[str, Any]) -> str:
+    """The parametrization a run used, with CompleteP (depth_mup, alpha 1) named apart."""
+    p = config['parametrization']
+    if p['name'] == 'depth_mup' and float(p['depth_alpha']) == 1.0:
+        return 'completep'
+    return p['name']
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Losses of one (variant, steps, size): rows are seeds, columns LRs (NaN = not run)."""
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    loss_SL: np.ndarray
+
+    def mean_over(self, seed_rows: np.ndarray) -> np.ndarray:
+        picked = self.loss_SL[seed_rows]
+        with np.errstate(invalid='ignore'):
+            return np.array([_mean_finite_or_inf(picked[:, j]) for j in range(len(self.lrs))])
+
+
+def _mean_finite_or_inf(column: np.ndarray) -> float:
+    column = column[~np.isnan(column)]
+    if not column.size:
+        return math.nan
+    return math.inf if np.isinf(column).any() else float(column.mean())
+
+
+def grids(rows: Sequence[Mapping[str, Any]], axis: str) -> dict[tuple[str, int, int], Grid]:
+    """results.jsonl rows -> {(variant, steps, size): Grid}; held-out and unfinished rows skipped."""
+    key_of_size = {'width': ('model', 'd_model'), 'depth': ('model', 'n_layers')}[axis]
+    cells: dict[tuple[str, int, int], dict[tuple[int, float], float]] = {}
+    for r in rows:
+        if r.get('heldout') or r.get('status') not in ('done', 'diverged'):
+            continue
+        c = r['config']
+        group = (variant_of(c), int(c['train']['steps']), int(c[key_of_size[0]][key_of_size[1]]))
+        loss = math.inf if r['status'] == 'diverged' or r.get('final_loss') is None else float(r['final_loss'])
+        cells.setdefault(group, {})[(int(c['seed']), float(c['optim']['lr']))] = loss
+    out = {}
+    for group, values in sorted(cells.items()):
+        seeds = tuple(sorted({s for s, _ in values}))
+        lrs = tuple(sorted({lr for _, lr in values}))
+        loss_SL = np.full((len(seeds), len(lrs)), np.nan)
+        for (s, lr), v in values.items():
+            loss_SL[seeds.index(s), lrs.index(lr)] = v
+        out[group] = Grid(seeds, lrs, loss_SL)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimum:
+    log2_lr: float
+    loss: float
+    bracketed: bool       # >= 2 evaluated LRs on each side of the best grid point
+    at_edge: bool         # the best grid point is the lowest or highest LR run
+
+
+def optimum(lrs: Sequence[float], mean_loss: np.ndarray) -> Optimum:
+    """Parabola vertex in log2 LR through the best grid point and its neighbours."""
+    x = np.log2(np.asarray(lrs, dtype=float))
+    ran = ~np.isnan(mean_loss)
+    x, y = x[ran], mean_loss[ran]
+    finite = np.isfinite(y)
+    if not finite.any():
+        return Optimum(math.nan, math.inf, False, False)
+    i = int(np.argmin(np.where(finite, y, np.inf)))
+    bracketed = i >= 2 and len(x) - 1 - i >= 2
+    if i == 0 or i == len(x) - 1 or not np.isfinite(y[i - 1:i + 2]).all():
+        return Optimum(float(x[i]), float(y[i]), bracketed, i == 0 or i == len(x) - 1)
+    a, b, c = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    if a <= 0:
+        return Optimum(float(x[i]), float(y[i]), bracketed, False)
+    vertex = float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
+    return Optimum(vertex, float(np.polyval([a, b, c], vertex)), bracketed, False)
+
+
+def _slope(sizes: Sequence[int], log2_lrs: Sequence[float]) -> float:
+    return float(np.polyfit(np.log2(sizes), log2_lrs, 1)[0])
+
+
+def drift(group_grids: Mapping[int, Grid], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Optimum per size and the drift of log2(optimal LR) per doubling, with a bootstrap interval."""
+    sizes = sorted(group_grids)
+    optima = {s: optimum(g.lrs, g.mean_over(np.arange(len(g.seeds)))) for s, g in group_grids.items()}
+    out: dict[str, Any] = {'optima': {s: dataclasses.asdict(o) for s, o in optima.items()},
+                           'seeds': {s: len(group_grids[s].seeds) for s in sizes}}
+    if len(sizes) < 2 or not all(math.isfinite(optima[s].log2_lr) for s in sizes):
+        return {**out, 'per_doubling': math.nan, 'total': math.nan, 'interval': [math.nan, math.nan]}
+    span = math.log2(sizes[-1] / sizes[0])
+    slope = _slope(sizes, [optima[s].log2_lr for s in sizes])
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        ys = []
+        for s in sizes:
+            g = group_grids[s]
+            ys.append(optimum(g.lrs, g.mean_over(rng.integers(0, len(g.seeds), len(g.seeds)))).log2_lr)
+        if all(math.isfinite(y) for y in ys):
+            boot.append(_slope(sizes, ys) * span)
+    low, high = (np.percentile(boot, [2.5, 97.5]).tolist() if boot else [math.nan, math.nan])
+    return {**out, 'per_doubling': slope, 'total': slope * span, 'interval': [low, high],
+            'all_bracketed': all(optima[s].bracketed for s in sizes)}
+
+
+def paired_difference(a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float]) -> dict[str, Any]:
+    """mean of b - a over the seeds both have, with a 95% t interval (needs 2 seeds)."""
+    seeds = sorted(set(a_by_seed) & set(b_by_seed))
+    d = np.array([b_by_seed[s] - a_by_seed[s] for s in seeds], dtype=float)
+    if len(d) == 0 or not np.isfinite(d).all():
+        return {'mean': math.nan if len(d) == 0 else float(np.mean(d)), 'interval': [math.nan, math.nan],
+                'seeds': len(d)}
+    if len(d) < 2:
+        return {'mean': float(d[0]), 'interval': [math.nan, math.nan], 'seeds': 1}
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return {'mean': float(d.mean()), 'interval': [float(d.mean()) - half, float(d.mean()) + half],
+            'seeds': len(d)}
+
+
+def _by_seed(g: Grid, lr: float) -> dict[int, float]:
+    j = g.lrs.index(lr)
+    return {s: float(g.loss_SL[i, j]) for i, s in enumerate(g.seeds) if not np.isnan(g.loss_SL[i, j])}
+
+
+def transferred_lr(group_grids: Mapping[int, Grid], base: int) -> float | None:
+    """The base size's optimum snapped to the nearest grid LR that every size has run."""
+    g = group_grids[base]
+    best = optimum(g.lrs, g.mean_over(np.arange(len(g.seeds))))
+    common = set.intersection(*(set(x.lrs) for x in group_grids.values()))
+    if not common or not math.isfinite(best.log2_lr):
+        return None
+    return min(common, key=lambda lr: abs(math.log2(lr) - best.log2_lr))
+
+
+def larger_is_better(group_grids: Mapping[int, Grid], lr: float) -> list[dict[str, Any]]:
+    sizes = sorted(group_grids)
+    return [{'from': a, 'to': b, **paired_difference(_by_seed(group_grids[a], lr),
+                                                      _by_seed(group_grids[b], lr))}
+            for a, b in zip(sizes, sizes[1:])]
+
+
+def noise_floor(group_grids: Mapping[int, Grid]) -> float:
+    """Median over (size, LR) of the across-seed standard deviation of finite losses."""
+    stds = []
+    for g in group_grids.values():
+        for j in range(len(g.lrs)):
+            col = g.loss_SL[:, j]
+            col = col[np.isfinite(col)]
+            if col.size >= 2:
+                stds.append(float(col.std(ddof=1)))
+    return float(np.median(stds)) if stds else math.nan
+
+
+def _verdict(met: bool | None) -> str:
+    return 'not shown' if met is None else ('met' if met else 'not met')
+
+
+def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | None = None,
+           n_boot: int = 2000) -> dict[str, Any]:
+    """Every criterion per (variant, steps), with numbers and a verdict."""
+    by_group = grids(rows, axis)
+    families: dict[tuple[str, int], dict[int, Grid]] = {}
+    for (variant, steps, size), g in by_group.items():
+        families.setdefault((variant, steps), {})[size] = g
+    out: dict[str, Any] = {'axis': axis, 'groups': [], 'verdicts': []}
+    for (variant, steps), group_grids in sorted(families.items()):
+        sizes = sorted(group_grids)
+        base_size = base if base in group_grids else sizes[0]
+        d = drift(group_grids, n_boot)
+        lr = transferred_lr(group_grids, base_size)
+        ladder = larger_is_better(group_grids, lr) if lr is not None else []
+        entry = {'variant': variant, 'steps': steps, 'sizes': sizes, 'base': base_size,
+                 'drift': d, 'transferred_lr': lr, 'larger_is_better': ladder,
+                 'noise_floor': noise_floor(group_grids)}
+        out['groups'].append(entry)
+        low, high = d['interval']
+        enough = len(sizes) >= 2 and d.get('all_bracketed', False) and math.isfinite(low)
+        if variant in MUP_LIKE:
+            met = (-TRANSFER_GOAL_OCTAVES < low and high < TRANSFER_GOAL_OCTAVES) if enough else None
+            criterion = f'|drift| < {TRANSFER_GOAL_OCTAVES} octave (95% interval inside)'
+        else:
+            met = (low > 0 or high < 0) if enough else None
+            criterion = 'drifts clearly (95% interval excludes 0)'
+        out['verdicts'].append({'variant': variant, 'steps': steps, 'criterion': criterion,
+                                'verdict': _verdict(met), 'total_drift': d['total'], 'interval': d['interval']})
+        if ladder:
+            complete = all(x['seeds'] >= 2 and math.isfinite(x['interval'][1]) for x in ladder)
+            met = all(x['interval'][1] < 0 for x in ladder) if complete else None
+            out['verdicts'].append({
+                'variant': variant, 'steps': steps, 'verdict': _verdict(met),
+                'criterion': f'every larger {axis} better at the transferred LR (interval < 0)',
+                'differences': [[x['from'], x['to'], x['mean'], x['interval']] for x in ladder]})
+    out['verdicts'] += _against_tuned_sp(families, out['groups'])
+    return out
+
+
+def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
+    """At the largest size: each mup-like variant at its transferred LR vs SP at its best grid LR."""
+    verdicts = []
+    for entry in groups:
+        variant, steps = entry['variant'], entry['steps']
+        sp = families.get(('sp', steps))
+        if variant not in MUP_LIKE or sp is None or entry['transferred_lr'] is None:
+            continue
+        largest = max(set(entry['sizes']) & set(sp))
+        g_sp = sp[largest]
+        sp_mean = g_sp.mean_over(np.arange(len(g_sp.seeds)))
+        sp_lr = g_sp.lrs[int(np.nanargmin(np.where(np.isfinite(sp_mean), sp_mean, np.inf)))]
+        diff = paired_difference(_by_seed(g_sp, sp_lr),
+                                 _by_seed(families[(variant, steps)][largest], entry['transferred_lr']))
+        met = None if math.isnan(diff['mean']) else diff['mean'] <= 0
+        verdicts.append({'variant': variant, 'steps': steps, 'size': largest, 'verdict': _verdict(met),
+                         'criterion': f'{variant} (transferred LR) <= SP tuned at the largest size',
+                         'sp_lr': sp_lr, 'difference': diff})
+    return verdicts
+
+
+def choose_base(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the tuned point, its row): the finished, finite run with the lowest held-out loss."""
+    done = [r for r in rows if r.get('status') == 'done' and r.get('final_loss') is not None
+            and math.isfinite(float(r['final_loss']))]
+    if not done:
+        raise ValueError('no finished run with a finite loss to choose a base model from')
+    best = min(done, key=lambda r: float(r['final_loss']))
+    return dict(best['point']), best
+
+
+def write_base(path: str, point: Mapping[str, Any], row: Mapping[str, Any], sweep_dir: str) -> None:
+    """A config fragment the transfer sweeps import: TUNED = {dotted key: value}."""
+    values = {k: v for k, v in point.items() if k != 'seed'}
+    lines = [f'"""The base model chosen by the tuning sweep in {os.path.basename(os.path.normpath(sweep_dir))}: '
+             f'held-out loss {float(row["final_loss"]):.4f}',
+             f'(run {row["name"]}). Written by `python -m pretrain.study.transfer --choose_base`; '
+             'do not edit by hand."""', '', 'TUNED = {']
+    lines += [f'    {k!r}: {v!r},' for k, v in sorted(values.items())] + ['}', '']
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        f.write('\n'.join(lines))
+    os.replace(tmp, path)
+
+
+def to_json(result: Mapping[str, Any]) -> str:
+    from pretrain.jsonable import jsonable
+    return json.dumps(jsonable(result), indent=1)
+
+
+def _fmt_interval(interval: Sequence[float]) -> str:
+    low, high = interval
+    return 'n/a' if not (math.isfinite(low) and math.isfinite(high)) else f'[{low:+.3f}, {high:+.3f}]'
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """Tables of the optima, drifts, paired differences and verdicts."""
+    axis = result['axis']
+    lines = [f'| variant | steps | {axis} | seeds | optimal LR | loss at optimum | bracketed |',
+             '|---|---|---|---|---|---|---|']
+    for g in result['groups']:
+        for size, o in g['drift']['optima'].items():
+            lines.append(f'| {g["variant"]} | {g["steps"]} | {size} | {g["drift"]["seeds"][size]} | '
+                         f'2^{o["log2_lr"]:.2f} = {2 ** o["log2_lr"]:.3g} | {o["loss"]:.4f} | '
+                         f'{"yes" if o["bracketed"] else "no (edge)" if o["at_edge"] else "no"} |')
+    lines += ['', '| variant | steps | drift per doubling (octaves) | over the range | 95% interval | '
+              'noise floor (nats, seed std) | transferred LR |', '|---|---|---|---|---|---|---|']
+    for g in result['groups']:
+        d = g['drift']
+        lr = g['transferred_lr']
+        lines.append(f'| {g["variant"]} | {g["steps"]} | {d["per_doubling"]:+.3f} | {d["total"]:+.3f} | '
+                     f'{_fmt_interval(d["interval"])} | {g["noise_floor"]:.4f} | '
+                     f'{"n/a" if lr is None else f"{lr:.3g}"} |')
+    lines += ['', f'Larger-is-better at the transferred LR (loss of the larger {axis} minus the smaller, '
+              'paired by seed, 95% t interval):', '',
+              '| variant | steps | step | mean | 95% interval | seeds |', '|---|---|---|---|---|---|']
+    for g in result['groups']:
+        for x in g['larger_is_better']:
+            lines.append(f'| {g["variant"]} | {g["steps"]} | {x["from"]} -> {x["to"]} | {x["mean"]:+.4f} | '
+                         f'{_fmt_interval(x["interval"])} | {x["seeds"]} |')
+    lines += ['', '| variant | steps | criterion | verdict |', '|---|---|---|---|']
+    for v in result['verdicts']:
+        lines.append(f'| {v["variant"]} | {v["steps"]} | {v["criterion"]} | **{v["verdict"]}** |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any], path: str) -> None:
+    """Seed-mean loss vs log2 LR, one panel per (variant, steps), one line per size (bars: seed std)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    by_group = grids(rows, result['axis'])
+    panels = [(g['variant'], g['steps']) for g in result['groups']]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (variant, steps), entry in zip(axes[0], panels, result['groups']):
+        for (v, s, size), g in by_group.items():
+            if (v, s) != (variant, steps):
+                continue
+            finite = np.where(np.isfinite(g.loss_SL), g.loss_SL, np.nan)
+            with np.errstate(invalid='ignore'):
+                mean, std = np.nanmean(finite, axis=0), np.nanstd(finite, axis=0)
+            ax.errorbar(np.log2(g.lrs), mean, yerr=std, marker='o', ms=3, capsize=2,
+                        label=f'{result["axis"]} {size}')
+        lowest = min((float(np.nanmin(np.where(np.isfinite(g.loss_SL), g.loss_SL, np.nan)))
+                      for (v, s, _), g in by_group.items() if (v, s) == (variant, steps)), default=0.0)
+        ax.set_ylim(lowest - 0.02, lowest + 0.5)   # diverged and far-off points leave the panel
+        if entry['transferred_lr']:
+            ax.axvline(math.log2(entry['transferred_lr']), color='gray', ls=':', lw=1)
+        ax.set(title=f'{variant}, {steps} steps', xlabel='log2 peak LR', ylabel='held-out loss')
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_rows(sweep_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(sweep_dir, 'results.jsonl')
+    if not os.path.isfile(path):
+        raise SystemExit(f'--sweep_dir={sweep_dir!r}: no results.jsonl (run the sweep first)')
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f'{path}:{number}: not a JSON row ({e.msg})') from None
+    if not rows:
+        raise SystemExit(f'{path} is empty: no finished run yet')
+    return rows
+
+
+def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str, axis: str,
+                 base: int | None = None, n_boot: int = 2000) -> list[str]:
+    """transfer.json, transfer.md and transfer.png in out_dir; returns their paths."""
+    result = report(rows, axis, base, n_boot)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f'transfer.{ext}') for ext in ('json', 'md', 'png')]
+    with open(paths[0], 'w') as f:
+        f.write(to_json(result))
+    with open(paths[1], 'w') as f:
+        f.write(markdown(result))
+    plot(rows, result, paths[2])
+    return paths
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+    if len(argv) > 1:
+        raise SystemExit(f'unexpected arguments: {argv[1:]}')
+    f = flags.FLAGS
+    rows = load_rows(f.sweep_dir)
+    if f.choose_base:
+        point, row = choose_base(rows)
+        write_base(f.choose_base, point, row, f.sweep_dir)
+        print(f'chose {row["name"]} (held-out loss {float(row["final_loss"]):.4f} of {len(rows)} runs); '
+              f'wrote {f.choose_base}')
+        return
+    for path in write_report(rows, f.out or f.sweep_dir, f.axis, f.base or None, f.n_boot):
+        print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    from absl import app, flags
+    flags.DEFINE_string('sweep_dir', None, 'Sweep workdir holding results.jsonl.', required=True)
+    flags.DEFINE_enum('axis', 'width', ['width', 'depth'], 'What the sweep scales.')
+    flags.DEFINE_integer('base', 0, 'The base size (0 = the smallest).')
+    flags.DEFINE_string('out', '', 'Folder for transfer.{json,md,png}; default the sweep dir.')
+    flags.DEFINE_integer('n_boot', 2000, 'Bootstrap resamples of the seeds.')
+    flags.DEFINE_string('choose_base', '', 'Instead of a report: write the best run of a tuning '
+                        'sweep to this config file (TUNED = {...}).')
+    app.run(main)

@@ -1,0 +1,99 @@
+"""µTransfer verdicts on synthetic sweeps whose optimum, drift and gaps are known by construction."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pretrain.study import transfer
+
+
+def _rows(variant_drift: dict[str, float], sizes=(32, 64, 128), seeds=(0, 1, 2), ks=range(-20, -9),
+          gap: float = 0.05, noise: float = 0.005, steps: int = 1000):
+    """loss = 0.1 * (log2 lr - centre)^2 + 2.0 - gap * log2(size / 32) + seed noise.
+
+    The optimum of `variant` moves by variant_drift[variant] octaves per doubling from 2^-7.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, per_doubling in variant_drift.items():
+        name, alpha = ('depth_mup', 1.0) if variant == 'completep' else (variant, 0.5)
+        for size in sizes:
+            doublings = math.log2(size / sizes[0])
+            centre = -7.0 + per_doubling * doublings
+            for seed in seeds:
+                offset = rng.normal(0, noise)
+                for k in ks:
+                    log2_lr = k / 2
+                    loss = 0.1 * (log2_lr - centre) ** 2 + 2.0 - gap * doublings + offset
+                    rows.append({'status': 'done', 'final_loss': loss, 'name': f'{variant}{size}{seed}{k}',
+                                 'point': {'optim.lr': 2.0 ** log2_lr, 'seed': seed},
+                                 'config': {'parametrization': {'name': name, 'depth_alpha': alpha},
+                                            'model': {'d_model': size, 'n_layers': 2},
+                                            'train': {'steps': steps}, 'seed': seed,
+                                            'optim': {'lr': 2.0 ** log2_lr}}})
+    return rows
+
+
+def test_optimum_is_the_parabola_vertex():
+    lrs = [2.0 ** (k / 2) for k in range(-20, -9)]
+    loss = np.array([(math.log2(lr) + 7.3) ** 2 for lr in lrs])
+    o = transfer.optimum(lrs, loss)
+    assert o.log2_lr == pytest.approx(-7.3, abs=1e-9) and o.bracketed and not o.at_edge
+    edge = transfer.optimum(lrs, -np.arange(len(lrs), dtype=float))
+    assert edge.at_edge and not edge.bracketed and edge.log2_lr == pytest.approx(math.log2(lrs[-1]))
+
+
+def test_paired_difference_by_hand():
+    d = transfer.paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 1.9, 1: 2.05, 2: 2.05})
+    diffs = np.array([-0.1, -0.05, -0.15])
+    half = 4.302652729911275 * diffs.std(ddof=1) / math.sqrt(3)   # t(0.975, 2 dof)
+    assert d['mean'] == pytest.approx(-0.1) and d['seeds'] == 3
+    assert d['interval'] == pytest.approx([-0.1 - half, -0.1 + half])
+
+
+def test_transfer_met_for_mup_and_sp_drifts():
+    result = transfer.report(_rows({'mup': 0.0, 'sp': -1.0}), n_boot=200)
+    groups = {g['variant']: g for g in result['groups']}
+    assert groups['mup']['drift']['total'] == pytest.approx(0.0, abs=0.05)
+    assert groups['sp']['drift']['per_doubling'] == pytest.approx(-1.0, abs=0.05)
+    verdicts = {(v['variant'], v['criterion'].split()[0]): v['verdict'] for v in result['verdicts']}
+    assert verdicts[('mup', '|drift|')] == 'met'
+    assert verdicts[('sp', 'drifts')] == 'met'
+    assert verdicts[('mup', 'every')] == 'met'   # 0.05 nats per doubling, 0.005 noise
+    assert groups['mup']['noise_floor'] == pytest.approx(0.005, rel=1.0)
+    assert any(v['criterion'].startswith('mup (transferred LR) <= SP') for v in result['verdicts'])
+
+
+def test_larger_not_better_is_not_met_and_unbracketed_is_not_shown():
+    flat = transfer.report(_rows({'mup': 0.0}, gap=0.0, noise=0.02), n_boot=100)
+    ladder = [v for v in flat['verdicts'] if v['criterion'].startswith('every')][0]
+    assert ladder['verdict'] == 'not met'
+    edge = transfer.report(_rows({'mup': 0.0}, ks=range(-14, -9)), n_boot=100)   # optimum 2^-7 at k=-14
+    assert [v['verdict'] for v in edge['verdicts'] if v['criterion'].startswith('|drift|')] == ['not shown']
+
+
+def test_completep_is_its_own_variant_and_markdown_renders(tmp_path):
+    rows = _rows({'completep': 0.1, 'depth_mup': 0.0})
+    result = transfer.report(rows, n_boot=50)
+    assert {g['variant'] for g in result['groups']} == {'completep', 'depth_mup'}
+    text = transfer.markdown(result)
+    assert '| completep | 1000 |' in text and '**met**' in text
+    transfer.plot(rows, result, str(tmp_path / 'transfer.png'))
+    assert (tmp_path / 'transfer.png').stat().st_size > 1000
+
+
+def test_choose_and_write_base(tmp_path):
+    rows = [{'status': 'done', 'final_loss': 2.3, 'name': 'a', 'point': {'optim.lr': 0.01, 'seed': 0}},
+            {'status': 'done', 'final_loss': 2.1, 'name': 'b',
+             'point': {'optim.lr': 0.003, 'parametrization.output_mult': 4.0, 'seed': 0}},
+            {'status': 'diverged', 'final_loss': None, 'name': 'c', 'point': {'optim.lr': 1.0}}]
+    point, row = transfer.choose_base(rows)
+    assert row['name'] == 'b'
+    path = tmp_path / 'tuned.py'
+    transfer.write_base(str(path), point, row, 'runs/base')
+    namespace: dict = {}
+    exec(path.read_text(), namespace)
+    assert namespace['TUNED'] == {'optim.lr': 0.003, 'parametrization.output_mult': 4.0}
+    with pytest.raises(ValueError, match='no finished run'):
+        transfer.choose_base(rows[2:])

@@ -306,3 +306,14 @@ def test_run_once_records_then_reuses(base, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(path, 'checkpoints'))   # not kept unless asked
     monkeypatch.setattr(train, 'run', lambda *a, **k: pytest.fail('trained again'))
     assert results.run_once(cfg, path) == results.read_result(path)
+
+
+def test_a_warmup_given_as_a_fraction_is_pinned_to_the_parents_steps(base):
+    """Cooldowns are shorter than their parent: a warmup that follows each run's length would
+    differ and the branch would be refused, so the sweep gives both the parent's warmup steps."""
+    runs = sweep.expand(Sweep(base=base, points=zipped({'model.d_model': [32]}), derive=widths,
+                              fixed={'optim.lr': 1e-3, 'schedule.warmup_steps': -1,
+                                     'schedule.warmup_fraction': 0.05},
+                              cooldowns=Cooldowns(budgets=[100, 200], fraction=0.2)))
+    assert {(r.overrides['schedule.warmup_steps'], r.overrides['schedule.warmup_fraction'])
+            for r in runs} == {(10, -1.0)}

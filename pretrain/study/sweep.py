@@ -149,6 +149,8 @@ def _pinned_warmup(sweep: Sweep, overrides: Point, parent_steps: int) -> Point:
     base = sweep.base if os.path.isabs(sweep.base) else os.path.join(ROOT, sweep.base)
     cfg = config_lib.with_overrides(_import(base, 'sweep_base_config').get_config(),
                                     {**overrides, 'train.steps': parent_steps})
+    if cfg.schedule.warmup_steps != schedules.UNSET:   # a count in the base config: shared already
+        return {}
     steps, _ = schedules.resolve_length(cfg.schedule, 'warmup', parent_steps)
     return {'schedule.warmup_steps': steps, 'schedule.warmup_fraction': float(schedules.UNSET)}
 

@@ -265,10 +265,11 @@ def choose_base(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict
 def write_base(path: str, point: Mapping[str, Any], row: Mapping[str, Any], sweep_dir: str) -> None:
     """A config fragment the transfer sweeps import: TUNED = {dotted key: value}."""
     values = {k: v for k, v in point.items() if k != 'seed'}
-    lines = [f'"""The base model chosen by the tuning sweep in {os.path.basename(os.path.normpath(sweep_dir))}: '
-             f'held-out loss {float(row["final_loss"]):.4f}',
-             f'(run {row["name"]}). Written by `python -m pretrain.study.transfer --choose_base`; '
-             'do not edit by hand."""', '', 'TUNED = {']
+    lines = [f'"""The base model chosen by the tuning sweep in '
+             f'{os.path.basename(os.path.normpath(sweep_dir))} (held-out loss {float(row["final_loss"]):.4f}):',
+             f'run {row["name"]}.',
+             'Written by `python -m pretrain.study.transfer --choose_base`; do not edit by hand."""',
+             '', 'TUNED = {']
     lines += [f'    {k!r}: {v!r},' for k, v in sorted(values.items())] + ['}', '']
     tmp = f'{path}.tmp'
     with open(tmp, 'w') as f:

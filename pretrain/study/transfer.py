@@ -277,6 +277,24 @@ def write_base(path: str, point: Mapping[str, Any], row: Mapping[str, Any], swee
     os.replace(tmp, path)
 
 
+def base_ranking_markdown(rows: Sequence[Mapping[str, Any]], top: int = 10) -> str:
+    """The best `top` runs of a tuning sweep and how far apart they are (one seed each)."""
+    done = sorted((r for r in rows if r.get('status') == 'done' and r.get('final_loss') is not None
+                   and math.isfinite(float(r['final_loss']))), key=lambda r: float(r['final_loss']))
+    keys = sorted({k for r in done for k in r['point'] if k != 'seed'})
+    lines = ['| rank | held-out loss | ' + ' | '.join(k.rsplit('.', 1)[-1] for k in keys) + ' |',
+             '|---' * (len(keys) + 2) + '|']
+    for rank, r in enumerate(done[:top], 1):
+        lines.append(f'| {rank} | {float(r["final_loss"]):.4f} | '
+                     + ' | '.join(format(r['point'][k], '.4g') if isinstance(r['point'].get(k), float)
+                                  else str(r['point'].get(k, '')) for k in keys) + ' |')
+    losses = [float(r['final_loss']) for r in done]
+    lines += ['', f'{len(rows)} runs, {len(done)} finished with a finite loss, '
+              f'{sum(r.get("status") == "diverged" for r in rows)} diverged; best {losses[0]:.4f}, '
+              f'10th {losses[min(9, len(losses) - 1)]:.4f}, median {float(np.median(losses)):.4f}.']
+    return '\n'.join(lines) + '\n'
+
+
 def to_json(result: Mapping[str, Any]) -> str:
     from pretrain.jsonable import jsonable
     return json.dumps(jsonable(result), indent=1)
@@ -388,8 +406,11 @@ def main(argv: Sequence[str]) -> None:
     if f.choose_base:
         point, row = choose_base(rows)
         write_base(f.choose_base, point, row, f.sweep_dir)
+        ranking = os.path.join(f.out or f.sweep_dir, 'base_ranking.md')
+        with open(ranking, 'w') as out:
+            out.write(base_ranking_markdown(rows))
         print(f'chose {row["name"]} (held-out loss {float(row["final_loss"]):.4f} of {len(rows)} runs); '
-              f'wrote {f.choose_base}')
+              f'wrote {f.choose_base} and {ranking}')
         return
     for path in write_report(rows, f.out or f.sweep_dir, f.axis, f.base or None, f.n_boot):
         print(f'wrote {path}')

@@ -255,11 +255,11 @@ class Mamba2Mixer(nnx.Module):
 class MambaBlock(nnx.Module):
     """Pre-norm residual block: x + r * mixer(norm(x))."""
 
-    def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
-        self.residual_mult = p13n.residual_mult()
+    def __init__(self, m, parametrization: Parametrization, rngs: nnx.Rngs):
+        self.residual_mult = parametrization.residual_mult()
         self.norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.mixer = (Mamba1Mixer if m.ssm.version == 1 else Mamba2Mixer)(
-            m, rngs, out_init_depth=p13n.residual_init_depth(m.n_layers))
+            m, rngs, out_init_depth=parametrization.residual_init_depth(m.n_layers))
 
     def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
         del positions_L   # order is carried by the recurrence
@@ -283,10 +283,11 @@ def is_attention_layer(i: int, attn_every: int) -> bool:
 class MambaLM(transformer_lib.DecoderLM):
     """Mamba blocks (every `attn_every`-th one a transformer block); recurrent step mode."""
 
-    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization):
-        super().__init__(m, rngs, p13n, lambda i: (
-            transformer_lib.Block(m, p13n, rngs) if is_attention_layer(i, m.ssm.attn_every)
-            else MambaBlock(m, p13n, rngs)))
+    def __init__(self, m, rngs: nnx.Rngs, parametrization: Parametrization):
+        super().__init__(m, rngs, parametrization, lambda i: (
+            transformer_lib.Block(m, parametrization, rngs)
+            if is_attention_layer(i, m.ssm.attn_every)
+            else MambaBlock(m, parametrization, rngs)))
 
     def prefill(self, tokens_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Feeds a prompt token by token (the SSM state is a recurrence); last logits [B, V]."""
@@ -417,7 +418,7 @@ def default_config() -> dict[str, dict]:
 
 
 FAMILIES.register('mamba')(Family(
-    build=lambda cfg, rngs, p13n: MambaLM(cfg.model, rngs, p13n),
+    build=lambda cfg, rngs, parametrization: MambaLM(cfg.model, rngs, parametrization),
     loss=lm_loss,
     flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
     tokens_per_example=lambda cfg: cfg.data.seq_len,

@@ -19,13 +19,14 @@ ACT_BLD = ('act_batch', 'act_length', 'act_embed')
 class Block(nnx.Module):
     """Pre-norm residual block: x + r * attn(norm(x)), then x + r * mlp(norm(x))."""
 
-    def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
+    def __init__(self, m, parametrization: Parametrization, rngs: nnx.Rngs):
         common = dict(init_std=m.init_std, param_dtype=m.param_dtype, rngs=rngs)
-        self.residual_mult = p13n.residual_mult()
+        self.residual_mult = parametrization.residual_mult()
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.attn = Attention(d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                              rope_theta=m.rope_theta, zero_query=p13n.zero_query,
-                              logit_scale=p13n.attn_logit_scale(m.d_model // m.n_heads), **common)
+                              rope_theta=m.rope_theta, zero_query=parametrization.zero_query,
+                              logit_scale=parametrization.attn_logit_scale(m.d_model // m.n_heads),
+                              **common)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.mlp = SwiGLU(d_model=m.d_model, d_ff=m.d_ff, **common)
 
@@ -57,11 +58,12 @@ class DecoderLM(nnx.Module):
     block.decode(x_BLD, positions_L, cache) -> (x_BLD, cache) in generation.
     """
 
-    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization,
+    def __init__(self, m, rngs: nnx.Rngs, parametrization: Parametrization,
                  make_block: Callable[[int], nnx.Module]):
         self.compute_dtype = jnp.dtype(m.compute_dtype)
         self.remat_policy = m.remat
-        self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
+        self.embedding_mult = parametrization.embedding_mult()
+        self.readout_mult = parametrization.readout_mult()
         self.embed = Embedding(vocab_size=m.vocab_size, d_model=m.d_model, init_std=m.init_std,
                                param_dtype=m.param_dtype, rngs=rngs)
         self.blocks = nnx.List([make_block(i) for i in range(m.n_layers)])
@@ -128,8 +130,8 @@ class DecoderLM(nnx.Module):
 class Transformer(DecoderLM):
     """The decoder-only transformer LM: attention + SwiGLU blocks."""
 
-    def __init__(self, m, rngs: nnx.Rngs, p13n: Parametrization):
-        super().__init__(m, rngs, p13n, lambda i: Block(m, p13n, rngs))
+    def __init__(self, m, rngs: nnx.Rngs, parametrization: Parametrization):
+        super().__init__(m, rngs, parametrization, lambda i: Block(m, parametrization, rngs))
 
 
 def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -179,7 +181,7 @@ def validate(cfg, axes: dict[str, int]) -> None:
 
 
 FAMILIES.register('transformer')(Family(
-    build=lambda cfg, rngs, p13n: Transformer(cfg.model, rngs, p13n),
+    build=lambda cfg, rngs, parametrization: Transformer(cfg.model, rngs, parametrization),
     loss=lm_loss,
     flops_per_example=lambda cfg: flops_per_token(cfg) * cfg.data.seq_len,
     tokens_per_example=lambda cfg: cfg.data.seq_len,

@@ -24,7 +24,7 @@ from model_zoo import var_tokenizer
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import normal, param, zeros
 from pretrain import checkpoint as checkpoint_lib
-from pretrain import parametrization
+from pretrain import parametrization as parametrization_lib
 from pretrain import state as state_lib
 from pretrain.errors import ConfigError, check_choice
 from pretrain.mesh import constrain
@@ -130,12 +130,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """AdaLN block: x + r (1 + g1) attn(ln(x)(1 + s1) + b1), then the same around the MLP."""
 
-    def __init__(self, m, p13n: Parametrization, rngs: nnx.Rngs):
+    def __init__(self, m, parametrization: Parametrization, rngs: nnx.Rngs):
         d, pd = m.d_model, m.param_dtype
-        self.residual_mult = p13n.residual_mult()
+        self.residual_mult = parametrization.residual_mult()
         self.ada = AdaLN(d, 6, m.init_std, pd, rngs)
-        self.attn = SelfAttention(d, m.n_heads, p13n.attn_logit_scale(d // m.n_heads),
-                                  m.init_std, pd, rngs, zero_query=p13n.zero_query)
+        self.attn = SelfAttention(d, m.n_heads, parametrization.attn_logit_scale(d // m.n_heads),
+                                  m.init_std, pd, rngs, zero_query=parametrization.zero_query)
         self.mlp = MLP(d, int(round(m.var.mlp_ratio * d)), m.init_std, pd, rngs)
 
     def __call__(self, x_BLD, cond_BD, mask_LM, cache=None):
@@ -153,13 +153,14 @@ class Block(nnx.Module):
 class VAR(nnx.Module):
     """(teacher-forcing inputs [B, L - pn_1^2, Cvae], labels [B]) -> logits [B, L, V] (float32)."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs, p13n: Parametrization):
+    def __init__(self, cfg, rngs: nnx.Rngs, parametrization: Parametrization):
         m, v = cfg.model, cfg.model.var
         d, pd, std = m.d_model, m.param_dtype, m.init_std
         self.patch_nums = tuple(int(p) for p in v.patch_nums)
         self.num_classes, self.cond_dropout = v.num_classes, v.cond_dropout
         self.compute_dtype = jnp.dtype(m.compute_dtype)
-        self.embedding_mult, self.readout_mult = p13n.embedding_mult(), p13n.readout_mult()
+        self.embedding_mult = parametrization.embedding_mult()
+        self.readout_mult = parametrization.readout_mult()
         L, first = sum(p * p for p in self.patch_nums), self.patch_nums[0] ** 2
         emb = lambda shape: param(rngs, normal(std), shape, (None, 'embed'), 'embedding', pd)  # noqa: E731
         self.class_emb = emb((v.num_classes + 1, d))   # the last row is the unconditional class
@@ -168,7 +169,7 @@ class VAR(nnx.Module):
         self.level_emb = emb((len(self.patch_nums), d))
         self.word_w = emb((v.latent_channels, d))
         self.word_b = param(rngs, zeros, (d,), ('norm',), 'vector', pd)
-        self.blocks = nnx.List([Block(m, p13n, rngs) for _ in range(m.n_layers)])
+        self.blocks = nnx.List([Block(m, parametrization, rngs) for _ in range(m.n_layers)])
         self.head_ada = AdaLN(d, 2, std, pd, rngs)
         self.head = param(rngs, normal(std), (d, v.codebook_size), ('embed', 'vocab'), 'readout', pd)
 
@@ -287,7 +288,7 @@ def restore_model(workdir: str, device: jax.Device | None = None):
     params, record, step = checkpoint_lib.restore_params(workdir, device=device)
     cfg = ml_collections.ConfigDict(record['config'])
     family = FAMILIES.get(cfg.model.family)
-    definition = state_lib.model_def(family.build, cfg, parametrization.from_config(cfg))
+    definition = state_lib.model_def(family.build, cfg, parametrization_lib.from_config(cfg))
     return definition.merge(params), cfg, step
 
 
@@ -377,7 +378,7 @@ def depth_rule(depth: int) -> dict[str, int]:
 
 
 FAMILIES.register('var')(Family(
-    build=lambda cfg, rngs, p13n: VAR(cfg, rngs, p13n),
+    build=lambda cfg, rngs, parametrization: VAR(cfg, rngs, parametrization),
     loss=var_loss,
     flops_per_example=flops_per_example,
     tokens_per_example=lambda cfg: sum(p * p for p in cfg.model.var.patch_nums),

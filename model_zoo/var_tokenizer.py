@@ -331,7 +331,7 @@ def default_config() -> dict[str, dict]:
 
 
 FAMILIES.register('var_tokenizer')(Family(
-    build=lambda cfg, rngs, p13n: VQVAE(cfg, rngs),
+    build=lambda cfg, rngs, parametrization: VQVAE(cfg, rngs),
     loss=tokenizer_loss,
     flops_per_example=_flops,
     tokens_per_example=lambda cfg: latent_size(cfg) ** 2,

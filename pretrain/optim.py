@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pretrain import parametrization as p13n_lib
+from pretrain import parametrization as parametrization_lib
+from pretrain.parametrization import Parametrization
 from pretrain.errors import ConfigError, check_choice
 
 OPTIMIZERS = ('adamw',)
@@ -24,7 +25,8 @@ OPTIMIZERS = ('adamw',)
 
 def validate(optim_cfg) -> None:
     check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
-    check_choice('optim.weight_decay_mode', optim_cfg.weight_decay_mode, p13n_lib.WEIGHT_DECAY_MODES)
+    check_choice('optim.weight_decay_mode', optim_cfg.weight_decay_mode,
+                 parametrization_lib.WEIGHT_DECAY_MODES)
     for key in ('b1', 'b2'):
         if not 0.0 <= optim_cfg[key] < 1.0:
             raise ConfigError(f'optim.{key}={optim_cfg[key]} must be in [0, 1)')
@@ -58,23 +60,24 @@ def add_decay(rates, schedule: optax.Schedule | None = None) -> optax.GradientTr
     return optax.GradientTransformation(lambda params: _CountState(jnp.zeros([], jnp.int32)), update)
 
 
-def _adam(optim_cfg, info, p13n) -> optax.GradientTransformation:
+def _adam(optim_cfg, info, parametrization) -> optax.GradientTransformation:
     """Adam with a per-parameter epsilon eps * eps_mult_i.
 
     Adam's update g / (|g| + eps) depends on the gradient's scale only through eps, so
     eps * c for one parameter is the same as scaling its gradient by 1/c before one shared
     Adam; that keeps a single optimizer state (and multiplying by 1.0 is exact).
     """
-    grad_scale = p13n_lib.per_param(info, lambda role, in_block: 1.0 / p13n.eps_mult(role, in_block))
+    grad_scale = parametrization_lib.per_param(
+        info, lambda role, in_block: 1.0 / parametrization.eps_mult(role, in_block))
     adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
     if all(s == 1.0 for s in jax.tree.leaves(grad_scale)):
         return adam
     return optax.chain(scale_by_tree(grad_scale), adam)
 
 
-def decay_mode_and_rate(optim_cfg, p13n: p13n_lib.Parametrization) -> tuple[str, float]:
+def decay_mode_and_rate(optim_cfg, parametrization: Parametrization) -> tuple[str, float]:
     """(the mode applied, lambda in that mode's units), with 'auto' resolved."""
-    mode = p13n.weight_decay_mode(optim_cfg.weight_decay_mode)
+    mode = parametrization.weight_decay_mode(optim_cfg.weight_decay_mode)
     if optim_cfg.weight_decay_mode == 'auto' and mode == 'independent':
         # Torch-style lambda -> the fraction coupled decay removes per step at the base width.
         return mode, optim_cfg.lr * optim_cfg.weight_decay
@@ -82,13 +85,14 @@ def decay_mode_and_rate(optim_cfg, p13n: p13n_lib.Parametrization) -> tuple[str,
 
 
 def make_optimizer(optim_cfg, schedule: optax.Schedule, info,
-                   p13n: p13n_lib.Parametrization) -> optax.GradientTransformation:
-    """The full chain; `info` is the ParamInfo tree, `p13n` the run's parametrization."""
-    mode, weight_decay = decay_mode_and_rate(optim_cfg, p13n)
-    lr_mults = p13n_lib.per_param(info, p13n.lr_mult)
-    decay = p13n_lib.per_param(info, lambda role, _: weight_decay * p13n.wd_mult(role, mode))
+                   parametrization: Parametrization) -> optax.GradientTransformation:
+    """The full chain; `info` is the ParamInfo tree, `parametrization` the run's parametrization."""
+    mode, weight_decay = decay_mode_and_rate(optim_cfg, parametrization)
+    lr_mults = parametrization_lib.per_param(info, parametrization.lr_mult)
+    decay = parametrization_lib.per_param(
+        info, lambda role, _: weight_decay * parametrization.wd_mult(role, mode))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
-    parts.append(_adam(optim_cfg, info, p13n))
+    parts.append(_adam(optim_cfg, info, parametrization))
     if mode == 'independent':
         # Decay follows the schedule's shape (eta_t / eta_peak) but not its size.
         parts += [scale_by_tree(lr_mults), optax.scale_by_learning_rate(schedule),
@@ -103,14 +107,15 @@ def _group(role: str, in_block: bool) -> str:
     return f'{role}_in_blocks' if role == 'vector' and in_block else role
 
 
-def applied_rates(optim_cfg, schedule: optax.Schedule, info, p13n: p13n_lib.Parametrization):
+def applied_rates(optim_cfg, schedule: optax.Schedule, info, parametrization: Parametrization):
     """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
-    mode, weight_decay = decay_mode_and_rate(optim_cfg, p13n)
+    mode, weight_decay = decay_mode_and_rate(optim_cfg, parametrization)
     groups = {}
-    for (role, in_block) in set(jax.tree.leaves(p13n_lib.per_param(info, lambda r, b: (r, b)),
+    roles = parametrization_lib.per_param(info, lambda r, b: (r, b))
+    for (role, in_block) in set(jax.tree.leaves(roles,
                                                 is_leaf=lambda x: isinstance(x, tuple))):
-        groups[_group(role, in_block)] = (p13n.lr_mult(role, in_block),
-                                          weight_decay * p13n.wd_mult(role, mode))
+        groups[_group(role, in_block)] = (parametrization.lr_mult(role, in_block),
+                                          weight_decay * parametrization.wd_mult(role, mode))
 
     def rates(step: jax.Array) -> dict[str, jax.Array]:
         eta = schedule(step)

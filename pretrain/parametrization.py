@@ -207,7 +207,7 @@ def per_param(info, fn):
     return jax.tree_util.tree_map_with_path(lambda path, i: fn(i.role, _in_block(path)), info)
 
 
-def scale_init(params, info, p13n: Parametrization):
+def scale_init(params, info, parametrization: Parametrization):
     """Applies the init multipliers to freshly built parameters (multiplying by 1.0 is exact)."""
-    mults = per_param(info, lambda role, _: p13n.init_mult(role))
+    mults = per_param(info, lambda role, _: parametrization.init_mult(role))
     return jax.tree.map(lambda x, s: x * s if s != 1.0 else x, params, mults)

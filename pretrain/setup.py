@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from pretrain import config as config_lib
 from pretrain import mesh as mesh_lib
-from pretrain import optim, parametrization, scaling_rules, schedules
+from pretrain import optim, scaling_rules, schedules
+from pretrain import parametrization as parametrization_lib
 from pretrain import state as state_lib
 from pretrain import step as step_lib
 from pretrain.errors import ConfigError
@@ -34,7 +35,7 @@ class Setup:
     cfg: ml_collections.ConfigDict      # finalized, with the scaling rule's values applied
     family: Any                         # the model_zoo Family that cfg.model.family names
     model_def: state_lib.ModelDef
-    parametrization: parametrization.Parametrization
+    parametrization: parametrization_lib.Parametrization
     optimizer: optax.GradientTransformation
     schedule_spec: schedules.ScheduleSpec
     schedule: optax.Schedule
@@ -114,8 +115,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     cfg = config_lib.finalize(config)
     family = families.get(cfg.model.family, 'model.family')
     axes = config_lib.validate(cfg, family, **layout)
-    p13n = parametrization.from_config(cfg)
-    definition = state_lib.model_def(family.build, cfg, p13n)
+    parametrization = parametrization_lib.from_config(cfg)
+    definition = state_lib.model_def(family.build, cfg, parametrization)
     scaling = None
     if cfg.scaling.rule != 'none':
         # The rule sets optimizer and batch/step values only, so the model and its
@@ -126,12 +127,12 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     schedule = schedules.make_schedule(spec)
     with mesh_lib.activate(mesh, rules):
-        optimizer = optim.make_optimizer(cfg.optim, schedule, definition.info, p13n)
-        init = state_lib.init_fn(family.build, cfg, optimizer, p13n, definition)
+        optimizer = optim.make_optimizer(cfg.optim, schedule, definition.info, parametrization)
+        init = state_lib.init_fn(family.build, cfg, optimizer, parametrization, definition)
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
         shardings = state_lib.state_shardings(definition, optimizer, mesh, rules, abstract)
         batch_sharding = mesh_lib.named_sharding(mesh, batch_axes(family))
-        rates = optim.applied_rates(cfg.optim, schedule, definition.info, p13n)
+        rates = optim.applied_rates(cfg.optim, schedule, definition.info, parametrization)
         train_step = jax.jit(
             step_lib.make_train_step(family.loss, definition, optimizer, schedule,
                                      cfg.train.grad_accum_steps, rates),
@@ -139,7 +140,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
             donate_argnums=(0,))
     batch = cfg.train.global_batch_size
     return Setup(
-        cfg=cfg, family=family, model_def=definition, parametrization=p13n, optimizer=optimizer,
+        cfg=cfg, family=family, model_def=definition, parametrization=parametrization,
+        optimizer=optimizer,
         schedule_spec=spec, schedule=schedule, mesh=mesh, rules=rules, axes=axes,
         abstract_state=abstract, state_shardings=shardings, batch_sharding=batch_sharding,
         train_step=train_step, param_count=state_lib.param_count(definition),

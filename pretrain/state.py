@@ -11,7 +11,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pretrain import mesh as mesh_lib
-from pretrain import parametrization
+from pretrain import parametrization as parametrization_lib
+from pretrain.parametrization import Parametrization
 
 
 @flax.struct.dataclass
@@ -45,9 +46,10 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
 
-def model_def(build, cfg, p13n: parametrization.Parametrization) -> ModelDef:
-    """Traces the model constructor `build(cfg, rngs, p13n)` abstractly (no compute, no memory)."""
-    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0), p13n))
+def model_def(build, cfg, parametrization: Parametrization) -> ModelDef:
+    """Traces the model constructor `build(cfg, rngs, parametrization)` abstractly (no compute,
+    no memory)."""
+    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0), parametrization))
     graphdef, skeleton = nnx.split(model)
     info, shapes = {}, {}
     flat = list(nnx.to_flat_state(skeleton))
@@ -84,18 +86,19 @@ def state_shardings(definition: ModelDef, tx: optax.GradientTransformation, mesh
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
-def init_fn(build, cfg, tx: optax.GradientTransformation, p13n: parametrization.Parametrization,
+def init_fn(build, cfg, tx: optax.GradientTransformation, parametrization: Parametrization,
             definition: ModelDef):
     """A pure function seed-key -> TrainState, to be jitted with out_shardings.
 
-    `p13n` and `definition` are the run's parametrization and model def, built once by the
-    caller (pretrain.setup) and used here for the model and its init multipliers.
+    `parametrization` and `definition` are the run's parametrization and model def, built once
+    by the caller (pretrain.setup) and used here for the model and its init multipliers.
     """
 
     def init(key: jax.Array) -> TrainState:
         init_key, rng = jax.random.split(key)
-        model = build(cfg, nnx.Rngs(params=init_key), p13n)
-        params = parametrization.scale_init(nnx.to_pure_dict(nnx.state(model)), definition.info, p13n)
+        model = build(cfg, nnx.Rngs(params=init_key), parametrization)
+        params = parametrization_lib.scale_init(nnx.to_pure_dict(nnx.state(model)), definition.info,
+                                                parametrization)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=rng)
 

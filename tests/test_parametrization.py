@@ -9,7 +9,8 @@ from flax import nnx
 
 from model_zoo import FAMILIES
 from pretrain import config as config_lib
-from pretrain import optim, parametrization, schedules
+from pretrain import optim, schedules
+from pretrain import parametrization as parametrization_lib
 from pretrain import state as state_lib
 from pretrain.study import coord_check
 from pretrain.errors import ConfigError
@@ -44,10 +45,10 @@ def test_auto_decay_at_the_base_shape_matches_sp_to_rounding():
 
 
 def _init_params(c):
-    p13n = parametrization.from_config(c)
-    md = state_lib.model_def(FAMILY.build, c, p13n)
+    parametrization = parametrization_lib.from_config(c)
+    md = state_lib.model_def(FAMILY.build, c, parametrization)
     init = state_lib.init_fn(FAMILY.build, c, optim.make_optimizer(
-        c.optim, lambda s: LR, md.info, p13n), p13n, md)
+        c.optim, lambda s: LR, md.info, parametrization), parametrization, md)
     return init(jax.random.PRNGKey(0)).params, md
 
 
@@ -68,14 +69,14 @@ def test_init_std_follows_the_role_at_two_widths():
 def test_forward_multipliers():
     c = _cfg('depth_mup', width=128, base_width=32, depth=4, base_depth=1)
     c.parametrization.update(input_mult=3.0, output_mult=2.0, depth_alpha=0.5)
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     m, head_dim = 4.0, 64
     assert model.embedding_mult == 3.0
     assert model.readout_mult == 2.0 / m
     assert model.blocks[0].residual_mult == 4 ** -0.5
     np.testing.assert_allclose(model.blocks[0].attn.logit_scale, 1 / head_dim * np.sqrt(head_dim / m))
     sp_cfg = _cfg('sp', width=128, depth=4)
-    sp = FAMILY.build(sp_cfg, nnx.Rngs(0), parametrization.from_config(sp_cfg))
+    sp = FAMILY.build(sp_cfg, nnx.Rngs(0), parametrization_lib.from_config(sp_cfg))
     assert (sp.readout_mult, sp.blocks[0].residual_mult) == (1.0, 1.0)
     assert sp.blocks[0].attn.logit_scale == head_dim ** -0.5
 
@@ -96,27 +97,27 @@ def test_attention_logit_scale_for_both_ways_of_widening(width, heads, base_head
     c = _cfg('mup', width=width, base_width=64)
     c.model.update(n_heads=heads, n_kv_heads=heads)
     c.parametrization.base_head_dim = base_head_dim
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     np.testing.assert_allclose(model.blocks[0].attn.logit_scale, expected, rtol=1e-12)
     c.parametrization.name = 'sp'
-    assert FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c)).blocks[0].attn.logit_scale == (width // heads) ** -0.5
+    assert FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c)).blocks[0].attn.logit_scale == (width // heads) ** -0.5
 
 
 def test_attention_logits_stay_order_one_for_aligned_queries_and_keys():
     # Once trained, q and k have correlated coordinates of size Theta(1): q.k grows like d_head.
     # With q = k = 1 the logit is scale * d_head, which muP keeps at sqrt(d_head_base) = 4.
-    for head_dim, p13n in [(16, parametrization.Parametrization('mup', 1.0, base_head_dim=16)),
-                           (64, parametrization.Parametrization('mup', 4.0, base_head_dim=16)),
-                           (64, parametrization.Parametrization('mup', 4.0)),   # heads fixed
-                           (16, parametrization.Parametrization('mup', 4.0, base_head_dim=16))]:
-        assert p13n.attn_logit_scale(head_dim) * head_dim == pytest.approx(4.0)
+    for head_dim, parametrization in [(16, parametrization_lib.Parametrization('mup', 1.0, base_head_dim=16)),
+                           (64, parametrization_lib.Parametrization('mup', 4.0, base_head_dim=16)),
+                           (64, parametrization_lib.Parametrization('mup', 4.0)),   # heads fixed
+                           (16, parametrization_lib.Parametrization('mup', 4.0, base_head_dim=16))]:
+        assert parametrization.attn_logit_scale(head_dim) * head_dim == pytest.approx(4.0)
 
 
 def test_bad_base_head_dim_is_named():
     c = _cfg('mup', width=96, base_width=48)
     c.parametrization.base_head_dim = -1
     with pytest.raises(ConfigError, match='parametrization.base_head_dim=-1'):
-        parametrization.from_config(c)
+        parametrization_lib.from_config(c)
 
 
 def test_var_attention_uses_the_same_scale():
@@ -124,9 +125,9 @@ def test_var_attention_uses_the_same_scale():
     c = _cfg('mup', width=256, base_width=64)
     c.model.update(**var.depth_rule(4))           # 4 layers of width 256, 4 heads of 64
     c.parametrization.base_head_dim = 64          # VAR's depth rule keeps 64-dim heads
-    p13n = parametrization.from_config(c)
-    block = var.Block(c.model, p13n, nnx.Rngs(0))
-    assert block.attn.logit_scale == p13n.attn_logit_scale(64) == 64 ** -0.5
+    parametrization = parametrization_lib.from_config(c)
+    block = var.Block(c.model, parametrization, nnx.Rngs(0))
+    assert block.attn.logit_scale == parametrization.attn_logit_scale(64) == 64 ** -0.5
 
 
 def test_zero_query_and_zero_readout():
@@ -142,7 +143,7 @@ def test_zero_query_and_zero_readout():
     from model_zoo import var
     c.model.update(**var.depth_rule(2))
     c.parametrization.update(zero_query=True, base_head_dim=64)
-    block = var.Block(c.model, parametrization.from_config(c), nnx.Rngs(0))
+    block = var.Block(c.model, parametrization_lib.from_config(c), nnx.Rngs(0))
     assert not np.asarray(block.attn.wq[...]).any()
 
 
@@ -151,14 +152,14 @@ def test_zero_readout_with_tied_embeddings_is_an_error():
     c.parametrization.zero_readout = True
     c.model.tie_embeddings = True
     with pytest.raises(ConfigError, match='parametrization.zero_readout.*model.tie_embeddings'):
-        parametrization.from_config(c)
+        parametrization_lib.from_config(c)
 
 
 def _first_update(c, grads_fn):
     params, md = _init_params(c)
-    p13n = parametrization.from_config(c)
+    parametrization = parametrization_lib.from_config(c)
     spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
-    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info, p13n)
+    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info, parametrization)
     updates, _ = tx.update(jax.tree.map(grads_fn, params), tx.init(params), params)
     return params, updates
 
@@ -221,12 +222,12 @@ def test_adam_epsilon_depth_scaling_inside_the_blocks():
 
 
 def test_eps_and_lr_rules_of_the_ssm_roles():
-    p13n = parametrization.Parametrization('mup', width_mult=8.0)
-    assert p13n.init_mult('hidden_fan_in') == 1.0 and p13n.init_mult('hidden_to_fixed') == 1 / 8
-    assert p13n.lr_mult('hidden_fan_in', True) == p13n.lr_mult('hidden_to_fixed', True) == 1 / 8
-    assert p13n.eps_mult('hidden_to_fixed', True) == 1.0       # its gradient stays Theta(1)
-    assert p13n.eps_mult('hidden_fan_in', True) == 1 / 8
-    assert p13n.wd_mult('hidden_to_fixed', 'mup_scaled') == 8.0
+    parametrization = parametrization_lib.Parametrization('mup', width_mult=8.0)
+    assert parametrization.init_mult('hidden_fan_in') == 1.0 and parametrization.init_mult('hidden_to_fixed') == 1 / 8
+    assert parametrization.lr_mult('hidden_fan_in', True) == parametrization.lr_mult('hidden_to_fixed', True) == 1 / 8
+    assert parametrization.eps_mult('hidden_to_fixed', True) == 1.0       # its gradient stays Theta(1)
+    assert parametrization.eps_mult('hidden_fan_in', True) == 1 / 8
+    assert parametrization.wd_mult('hidden_to_fixed', 'mup_scaled') == 8.0
 
 
 @pytest.mark.parametrize('mode', ['coupled', 'independent', 'mup_scaled', 'auto'])
@@ -244,7 +245,7 @@ def test_weight_decay_modes(mode):
     assert not np.asarray(updates['final_norm']['scale']).any()   # vectors never decay
     rates = optim.applied_rates(c.optim, schedules.make_schedule(
         schedules.spec_from_config(c.schedule, LR, c.train.steps)), _init_params(c)[1].info,
-        parametrization.from_config(c))(jnp.int32(0))
+        parametrization_lib.from_config(c))(jnp.int32(0))
     np.testing.assert_allclose(rates['wd/hidden'], expected, rtol=1e-6)
     np.testing.assert_allclose(rates['lr/hidden'], LR / m, rtol=1e-6)
     assert rates['wd/vector'] == 0.0
@@ -263,7 +264,7 @@ def test_auto_decay_is_coupled_under_sp():
 def test_bad_parametrization_is_named():
     c = _cfg('mupp')
     with pytest.raises(ConfigError, match="Did you mean 'mup'"):
-        parametrization.from_config(c)
+        parametrization_lib.from_config(c)
     c = _cfg('mup')
     c.optim.weight_decay_mode = 'decoupled'
     with pytest.raises(ConfigError, match='optim.weight_decay_mode'):

@@ -12,7 +12,8 @@ from model_zoo import FAMILIES, mamba, scans
 from model_zoo.layers import ROLES
 from pretrain import config as config_lib
 from pretrain import mesh as mesh_lib
-from pretrain import parametrization, state as state_lib, train
+from pretrain import state as state_lib, train
+from pretrain import parametrization as parametrization_lib
 from pretrain.errors import ConfigError
 from tests.helpers import fixed_batch_losses, losses, random_tokens, tiny_config, with_mesh
 
@@ -156,7 +157,7 @@ VARIANTS = {'mamba1': dict(version=1), 'mamba2': dict(version=2),
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_recurrent_step_mode_equals_parallel_forward(variant):
     c = _config(**VARIANTS[variant])
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     tokens = _tokens((2, 11))   # 11 = 8 + 3: a ragged last chunk
     logits, stepped = _forward_and_steps(model, tokens)
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(logits), rtol=1e-4, atol=1e-5)
@@ -174,7 +175,7 @@ def _forward_and_steps(model, tokens_BL):
 
 def test_all_mamba1_scans_give_the_same_model():
     c = _config(version=1)
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     tokens = _tokens((2, 11))
     ref = model(tokens)
     for name in ('sequential', 'associative'):
@@ -186,7 +187,7 @@ def test_all_mamba1_scans_give_the_same_model():
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_causality(variant):
     c = _config(**VARIANTS[variant])
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     tokens = _tokens((2, 16))
     t = 9
     changed = tokens.at[:, t + 1:].set(_tokens((2, 16 - t - 1), seed=1))
@@ -233,13 +234,13 @@ def _check_log_uniform(dt, s):
 @pytest.mark.parametrize('variant', ['mamba1', 'mamba2'])
 def test_parameters_carry_axes_and_roles(variant):
     c = _config(**VARIANTS[variant])
-    definition = state_lib.model_def(FAMILY.build, c, parametrization.from_config(c))
+    definition = state_lib.model_def(FAMILY.build, c, parametrization_lib.from_config(c))
     infos, shapes = jax.tree.leaves(definition.info), jax.tree.leaves(definition.shapes)
     assert all(i.role in ROLES and len(i.axes) == len(s.shape) for i, s in zip(infos, shapes))
     mixer = definition.info['blocks'][0]['mixer']
     for name in ('A_log', 'D', 'dt_bias'):
         assert mixer[name].role == 'vector'   # no weight decay, no muP width scaling
-        assert parametrization.Parametrization().wd_mult(mixer[name].role, 'coupled') == 0.0
+        assert parametrization_lib.Parametrization().wd_mult(mixer[name].role, 'coupled') == 0.0
     inner = 'inner' if variant == 'mamba1' else 'ssm_heads'
     assert mixer['w_x'].axes[:2] == ('embed', inner)
     spec = mesh_lib.logical_to_spec(mixer['w_x'].axes)
@@ -326,7 +327,7 @@ def test_published_size_configs_validate_and_have_their_sizes(name, millions):
     import importlib
     c = importlib.import_module(f'configs.{name}').get_config()
     config_lib.validate(c, FAMILY, num_devices=8)
-    n = state_lib.param_count(state_lib.model_def(FAMILY.build, c, parametrization.from_config(c)))
+    n = state_lib.param_count(state_lib.model_def(FAMILY.build, c, parametrization_lib.from_config(c)))
     assert abs(n / 1e6 - millions) / millions < 0.1, n
 
 
@@ -335,16 +336,16 @@ def test_published_size_configs_validate_and_have_their_sizes(name, millions):
 
 def _scaled_init(c):
     """The parameters as the trainer initialises them (built init x the role's muP multiplier)."""
-    p13n = parametrization.from_config(c)
-    md = state_lib.model_def(FAMILY.build, c, p13n)
-    params = nnx.to_pure_dict(nnx.state(FAMILY.build(c, nnx.Rngs(0), p13n), nnx.Param))
-    return parametrization.scale_init(params, md.info, p13n), md
+    parametrization = parametrization_lib.from_config(c)
+    md = state_lib.model_def(FAMILY.build, c, parametrization)
+    params = nnx.to_pure_dict(nnx.state(FAMILY.build(c, nnx.Rngs(0), parametrization), nnx.Param))
+    return parametrization_lib.scale_init(params, md.info, parametrization), md
 
 
-def _width_config(version, name, width, **p13n):
+def _width_config(version, name, width, **parametrization):
     c = _config(version=version)
     c.model.update(d_model=width, n_layers=2)
-    c.parametrization.update(name=name, base_width=64, **p13n)
+    c.parametrization.update(name=name, base_width=64, **parametrization)
     return c
 
 
@@ -388,12 +389,12 @@ def test_depth_mup_scales_the_ssm_branch_once(version):
     c = _width_config(version, 'depth_mup', 64, base_depth=1)
     c.model.n_layers = 4
     params, _ = _scaled_init(c)
-    model = FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c))
+    model = FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c))
     assert model.blocks[0].residual_mult == 0.5
     np.testing.assert_allclose(np.asarray(params['blocks'][0]['mixer']['w_out']).std(), _SIGMA, rtol=0.1)
     c.parametrization.name = 'sp'
     params, _ = _scaled_init(c)
-    assert FAMILY.build(c, nnx.Rngs(0), parametrization.from_config(c)).blocks[0].residual_mult == 1.0
+    assert FAMILY.build(c, nnx.Rngs(0), parametrization_lib.from_config(c)).blocks[0].residual_mult == 1.0
     np.testing.assert_allclose(np.asarray(params['blocks'][0]['mixer']['w_out']).std(), _SIGMA / 2,
                                rtol=0.1)
 
@@ -403,7 +404,7 @@ def test_mamba1_first_adam_step_per_role_under_mup():
     c = _width_config(1, 'mup', 256)
     c.optim.update(lr=1e-2, weight_decay=0.0, grad_clip=0.0, eps=1e-12)
     params, md = _scaled_init(c)
-    tx = optim.make_optimizer(c.optim, lambda step: 1e-2, md.info, parametrization.from_config(c))
+    tx = optim.make_optimizer(c.optim, lambda step: 1e-2, md.info, parametrization_lib.from_config(c))
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     mixer = updates['blocks'][0]['mixer']
     for key, lr in {'w_B': 1e-2 / 4, 'w_dt': 1e-2 / 4, 'w_x': 1e-2 / 4, 'dt_bias': 1e-2}.items():

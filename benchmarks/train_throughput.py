@@ -40,7 +40,7 @@ import optax
 from absl import app, flags
 
 import model_zoo
-from pretrain import metrics as metrics_lib
+from pretrain import peak_flops as peak_flops_lib
 from pretrain import setup as setup_lib
 
 # Model sizes: the shapes of configs/lm_tiny.py scaled up, seq 256 everywhere. 'medium' is the
@@ -483,7 +483,7 @@ def header(rows: list[Row], peak: float, peak_note: str, matmul: dict[str, float
             f'| {r.remat} | {r.compile_s:.1f} | {_fmt_s(r.step_s)} ({_fmt_s(statistics.median(r.step_times))}) '
             f'| {_fmt_s(min(r.cpu_times))} '
             f'| {r.tokens_per_s:,.0f} | {r.flops_per_s / 1e9:.1f} '
-            f'| {100 * metrics_lib.mfu(r.flops_per_s, peak):.1f}% | {r.cpu_mfu(ref["cpu"]):.0%} | {ratio} |')
+            f'| {100 * peak_flops_lib.mfu(r.flops_per_s, peak):.1f}% | {r.cpu_mfu(ref["cpu"]):.0%} | {ratio} |')
     return lines + ['']
 
 
@@ -681,7 +681,7 @@ def main(argv: Sequence[str]) -> None:
     dev0 = all_devices[0]
     print(f'{len(all_devices)} x {dev0.platform}/{dev0.device_kind}, jax {jax.__version__}', flush=True)
 
-    matmul = {f'n={n}': metrics_lib.measure_matmul_flops(n, jnp.float32) for n in (2048, 4096)}
+    matmul = {f'n={n}': peak_flops_lib.measure_matmul_flops(n, jnp.float32) for n in (2048, 4096)}
     print('matmul ' + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in matmul.items()) + ' GFLOP/s',
           flush=True)
 
@@ -705,7 +705,7 @@ def main(argv: Sequence[str]) -> None:
         matmul['n=2048 between the steps'] = ref['wall']
         peak, peak_note = max(matmul.values()), 'best float32 matmul measured in this run'
     else:
-        peak, src = metrics_lib.total_peak_flops([dev0])
+        peak, src = peak_flops_lib.total_peak_flops([dev0])
         peak_note = f'one {dev0.device_kind}: {src}'
 
     analysis = []

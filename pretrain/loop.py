@@ -14,6 +14,7 @@ import jax
 from pretrain import checkpoint as checkpoint_lib
 from pretrain import distributed
 from pretrain import metrics as metrics_lib
+from pretrain import peak_flops as peak_flops_lib
 from pretrain import nonfinite, preemption
 from pretrain import setup as setup_lib
 
@@ -156,7 +157,7 @@ class TrainLoop:
         self.last_timed = self.step
         logged.update(tokens=float(self.step * setup.tokens_per_step),
                       skipped=float(self.skipped_steps), **speed,
-                      mfu=metrics_lib.mfu(speed['flops_per_s'], self.peak_flops))
+                      mfu=peak_flops_lib.mfu(speed['flops_per_s'], self.peak_flops))
         self.history.append({'step': self.step, **logged})
         self.writer.write(self.step, logged)
 

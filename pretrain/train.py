@@ -35,6 +35,7 @@ from pretrain import dry_run as dry_run_lib
 from pretrain import logs
 from pretrain import loop as loop_lib
 from pretrain import metrics as metrics_lib
+from pretrain import peak_flops as peak_flops_lib
 from pretrain import schedules
 from pretrain import setup as setup_lib
 from pretrain import start as start_lib
@@ -80,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = pipeline.train_iterator()
     # Measured outside the mesh context: a CPU peak is a single-device matmul.
-    peak, peak_source = metrics_lib.total_peak_flops(devices, cfg.metrics.peak_flops_per_device,
+    peak, peak_source = peak_flops_lib.total_peak_flops(devices, cfg.metrics.peak_flops_per_device,
                                                      dtype=cfg.model.compute_dtype)
     with setup.activate():
         started = start.state(setup, checkpointer, data_iter, log=absl_logging.warning)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pretrain import metrics as M
+from pretrain import peak_flops as P
 
 
 def fake_device(kind: str, platform: str = 'gpu') -> SimpleNamespace:
@@ -41,7 +42,7 @@ def fake_device(kind: str, platform: str = 'gpu') -> SimpleNamespace:
 ])
 def test_table_lookup(kind, flops, key):
     platform = 'tpu' if kind.startswith('TPU') else 'gpu'
-    assert M.peak_flops(fake_device(kind, platform)) == (flops, f'published peak: {key} bfloat16')
+    assert P.peak_flops(fake_device(kind, platform)) == (flops, f'published peak: {key} bfloat16')
 
 
 @pytest.mark.parametrize('kind, platform, bf16, fp32', [
@@ -56,22 +57,22 @@ def test_table_lookup(kind, flops, key):
 ])
 def test_table_has_both_dtypes_for_the_main_accelerators(kind, platform, bf16, fp32):
     device = fake_device(kind, platform)
-    assert M.peak_flops(device, dtype='bfloat16')[0] == bf16
-    assert M.peak_flops(device, dtype=jnp.bfloat16)[0] == bf16
-    flops, source = M.peak_flops(device, dtype='float32')
+    assert P.peak_flops(device, dtype='bfloat16')[0] == bf16
+    assert P.peak_flops(device, dtype=jnp.bfloat16)[0] == bf16
+    flops, source = P.peak_flops(device, dtype='float32')
     assert flops == fp32 and 'float32' in source and 'no float32' not in source
 
 
 def test_table_without_the_dtype_says_so():
-    flops, source = M.peak_flops(fake_device('NVIDIA L4'), dtype='float32')
+    flops, source = P.peak_flops(fake_device('NVIDIA L4'), dtype='float32')
     assert flops == 121e12 and 'no float32 entry' in source
     with pytest.raises(ValueError, match='float16'):
-        M.peak_flops(fake_device('NVIDIA L4'), dtype='float16')
+        P.peak_flops(fake_device('NVIDIA L4'), dtype='float16')
 
 
 def test_table_prefers_the_most_specific_key():
     # A key found inside a later kind's key must come after it, or the later one never wins.
-    keys = list(M.PEAK_FLOPS)
+    keys = list(P.PEAK_FLOPS)
     for i, key in enumerate(keys):
         for later in keys[i + 1:]:
             assert key not in later, f'{key!r} shadows {later!r}'
@@ -79,22 +80,22 @@ def test_table_prefers_the_most_specific_key():
 
 def test_override_wins():
     source = 'config metrics.peak_flops_per_device'
-    assert M.peak_flops(fake_device('NVIDIA H100 80GB HBM3'), 123.0) == (123.0, source)
-    assert M.peak_flops(jax.devices()[0], 5e9) == (5e9, source)
-    assert M.total_peak_flops([fake_device('TPU v4', 'tpu')] * 4, 1e12) == (
+    assert P.peak_flops(fake_device('NVIDIA H100 80GB HBM3'), 123.0) == (123.0, source)
+    assert P.peak_flops(jax.devices()[0], 5e9) == (5e9, source)
+    assert P.total_peak_flops([fake_device('TPU v4', 'tpu')] * 4, 1e12) == (
         4e12, f'{source}, x4 devices')
 
 
 def test_total_peak_multiplies_accelerators():
     devices = [fake_device('TPU v5 lite', 'tpu')] * 8
-    assert M.total_peak_flops(devices) == (
+    assert P.total_peak_flops(devices) == (
         8 * 197e12, 'published peak: tpu v5 lite bfloat16, x8 devices')
 
 
 @pytest.fixture
 def peak_cache(tmp_path, monkeypatch):
     path = tmp_path / 'cache' / 'peak_flops.json'
-    monkeypatch.setenv(M.PEAK_CACHE_ENV, str(path))
+    monkeypatch.setenv(P.PEAK_CACHE_ENV, str(path))
     return path
 
 
@@ -105,49 +106,49 @@ def test_cpu_peak_is_measured_once_and_cached(peak_cache):
         calls.append(jnp.dtype(dtype).name)
         return 4.2e10 + len(calls)      # a second measurement would differ
 
-    first = M.cached_cpu_peak('float32', measure=measure)
+    first = P.cached_cpu_peak('float32', measure=measure)
     assert first[0] == 4.2e10 + 1 and 'saved to' in first[1] and str(peak_cache) in first[1]
-    again = M.cached_cpu_peak('float32', measure=measure)
+    again = P.cached_cpu_peak('float32', measure=measure)
     assert again[0] == first[0] and 'cached in' in again[1]
     assert calls == ['float32']
-    M.cached_cpu_peak('bfloat16', measure=measure)      # another dtype is another entry
+    P.cached_cpu_peak('bfloat16', measure=measure)      # another dtype is another entry
     assert calls == ['float32', 'bfloat16']
     stored = json.load(open(peak_cache))
-    assert len(stored) == 2 and all(M.cpu_model() in key for key in stored)
+    assert len(stored) == 2 and all(P.cpu_model() in key for key in stored)
     assert any(key.endswith('| float32') for key in stored)
 
 
 def test_cpu_peak_cache_survives_a_broken_file(peak_cache):
     peak_cache.parent.mkdir(parents=True)
     peak_cache.write_text('{not json')
-    flops, source = M.cached_cpu_peak('float32', measure=lambda d: 3e10)
+    flops, source = P.cached_cpu_peak('float32', measure=lambda d: 3e10)
     assert flops == 3e10 and 'saved to' in source
-    assert M.cached_cpu_peak('float32', measure=lambda d: 9e10)[0] == 3e10
+    assert P.cached_cpu_peak('float32', measure=lambda d: 9e10)[0] == 3e10
 
 
 def test_cpu_peak_default_location_is_the_user_cache(monkeypatch, tmp_path):
-    monkeypatch.delenv(M.PEAK_CACHE_ENV, raising=False)
+    monkeypatch.delenv(P.PEAK_CACHE_ENV, raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-    assert M.peak_cache_path() == os.path.join(str(tmp_path), 'pretrain', 'peak_flops.json')
+    assert P.peak_cache_path() == os.path.join(str(tmp_path), 'pretrain', 'peak_flops.json')
 
 
 def test_measured_cpu_peak_is_plausible_and_not_multiplied(peak_cache):
     cpu = jax.devices('cpu')[0]
-    flops, source = M.peak_flops(cpu)
+    flops, source = P.peak_flops(cpu)
     assert 'measured float32 matmul' in source
     assert flops > 1e8
     # Simulated CPU devices share the host's cores: the total is the one measurement.
-    assert M.total_peak_flops([cpu] * 8)[0] == flops
-    assert M.peak_flops(cpu)[0] == flops   # cached, not re-measured
+    assert P.total_peak_flops([cpu] * 8)[0] == flops
+    assert P.peak_flops(cpu)[0] == flops   # cached, not re-measured
 
 
 def test_measure_matmul_flops_small():
-    assert M.measure_matmul_flops(n=128, dtype=jnp.float32, repeats=2) > 1e6
+    assert P.measure_matmul_flops(n=128, dtype=jnp.float32, repeats=2) > 1e6
 
 
 def test_mfu():
-    assert M.mfu(50e12, 200e12) == pytest.approx(0.25)
-    assert M.mfu(1.0, 0.0) == 0.0
+    assert P.mfu(50e12, 200e12) == pytest.approx(0.25)
+    assert P.mfu(1.0, 0.0) == 0.0
 
 
 # --- Throughput ---------------------------------------------------------------------------

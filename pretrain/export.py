@@ -2,10 +2,10 @@
 
     python -m pretrain.export --workdir=runs/tiny --format=hf --out=exported/tiny [--step=N]
 
-Loads with `transformers.LlamaForCausalLM.from_pretrained(out)`. The parameters are read with
-`checkpoint.restore_params` (all of them onto one device, from a checkpoint of any mesh) and
-converted and copied to the host one at a time; host memory holds at most one safetensors
-shard (--max_shard_bytes) of converted tensors. Multipliers the Llama layout lacks are folded
+Loads with `transformers.LlamaForCausalLM.from_pretrained(out)`. The parameters are restored
+one at a time (`checkpoint.param_reader`, from a checkpoint of any mesh) onto one device and
+converted on the host; host memory holds at most one safetensors shard (--max_shard_bytes) of
+converted tensors, as the safetensors writer takes a shard's tensors together. Multipliers the Llama layout lacks are folded
 into the weights where that is exact, else the export is refused (pretrain/hf_llama.py).
 """
 
@@ -27,11 +27,9 @@ SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 
 
-def _flat(params: Any) -> list[tuple[tuple[str, ...], Any]]:
-    """(path of string keys, leaf) for every parameter, in the order the HF layout lists them."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    items = [(tuple(str(getattr(k, 'key', k)) for k in path), leaf) for path, leaf in flat]
-    return sorted(items, key=lambda item: _order(item[0]))
+def _flat(shapes: dict[tuple[str, ...], Any]) -> list[tuple[tuple[str, ...], Any]]:
+    """(path of string keys, shape) of every parameter, in the order the HF layout lists them."""
+    return sorted(shapes.items(), key=lambda item: _order(item[0]))
 
 
 def _order(path: tuple[str, ...]) -> tuple:
@@ -66,10 +64,10 @@ def export_hf(workdir: str, out: str, step: int | None = None,
     if max_shard_bytes < 1:
         raise ConfigError(f'--max_shard_bytes={max_shard_bytes} must be a positive integer')
     _check_out(out)
-    params, record, step = checkpoint_lib.restore_params(workdir, step)
-    cfg = ml_collections.ConfigDict(record['config'])
+    reader = checkpoint_lib.param_reader(workdir, step)
+    cfg = ml_collections.ConfigDict(reader.record['config'])
     folds = hf_llama.folds(cfg)   # refuses what the layout cannot hold
-    items = _flat(params)
+    items = _flat(reader.shapes)
     dtypes = {str(leaf.dtype) for _, leaf in items}
     if len(dtypes) != 1:
         raise ConfigError(f'parameters of mixed dtypes {sorted(dtypes)} cannot be exported')
@@ -92,7 +90,8 @@ def export_hf(workdir: str, out: str, step: int | None = None,
     for file_name, shard in zip(names, shards):
         tensors = {}
         for path, leaf in shard:
-            name, tensor = hf_llama.to_hf(path, np.asarray(jax.device_get(leaf)), folds)
+            name, tensor = hf_llama.to_hf(path, np.asarray(jax.device_get(reader.read(path))),
+                                          folds)
             tensors[name] = tensor
             weight_map[name] = file_name
         save_file(tensors, os.path.join(out, file_name), metadata={'format': 'pt'})
@@ -103,7 +102,7 @@ def export_hf(workdir: str, out: str, step: int | None = None,
                       indent=2, sort_keys=True)
     with open(os.path.join(out, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    return {'step': step, 'files': names, 'config': config}
+    return {'step': reader.step, 'files': names, 'config': config}
 
 
 def define_flags() -> None:

@@ -59,7 +59,7 @@ def export_hf(workdir: str, out: str, step: int | None = None,
     Returns {'step', 'files', 'config'}. Raises ConfigError (before writing anything) for a run
     the layout cannot hold, an unknown step or a non-empty `out`.
     """
-    from safetensors.numpy import save_file   # a project dependency; imported where used
+    from safetensors.numpy import save_file  # a project dependency; imported where used
 
     if max_shard_bytes < 1:
         raise ConfigError(f'--max_shard_bytes={max_shard_bytes} must be a positive integer')

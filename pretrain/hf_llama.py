@@ -187,9 +187,7 @@ def to_hf(path: tuple[str, ...], x: np.ndarray, f: Folds) -> tuple[str, np.ndarr
 def from_hf(path: tuple[str, ...], hf: np.ndarray, shape: tuple[int, ...], f: Folds) -> np.ndarray:
     """Our parameter at `path` (of `shape`) from its HF tensor, the folded multiplier removed."""
     leaf = path[-1]
-    if leaf in ('wq', 'wk', 'wv'):
-        out = hf.T.reshape(shape)
-    elif leaf == 'wo':
+    if leaf in ('wq', 'wk', 'wv', 'wo'):   # [H*K, D] -> [D, H, K]; [D, H*K] -> [H, K, D]
         out = hf.T.reshape(shape)
     elif leaf in ('w_gate', 'w_up', 'w_down', 'head'):
         out = hf.T

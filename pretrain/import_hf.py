@@ -32,7 +32,6 @@ from pretrain.errors import ConfigError
 from pretrain.registry import Registry
 
 
-
 class _Tensors:
     """Lazy reader of the tensors of an HF folder, one file open at a time."""
 
@@ -46,7 +45,7 @@ class _Tensors:
         elif os.path.isfile(single):
             from safetensors import safe_open
             with safe_open(single, framework='np') as f:
-                self.files = {name: single for name in f.keys()}
+                self.files = {name: single for name in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         else:
             raise ConfigError(f'--hf_dir={hf_dir} holds neither model.safetensors nor '
                               'model.safetensors.index.json')

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from pretrain import checkpoint as checkpoint_lib  # noqa: E402
-from pretrain import export, import_hf, train  # noqa: E402
-from tests.helpers import model_logits, tiny_config, trained_run  # noqa: E402
+from pretrain import checkpoint as checkpoint_lib
+from pretrain import export, import_hf, train
+from tests.helpers import model_logits, tiny_config, trained_run
 
 pytestmark = pytest.mark.interop
 

@@ -418,6 +418,63 @@ def restore_params(workdir: str, step: int | None = None,
     return restored['params'], record, step
 
 
+
+@dataclasses.dataclass(frozen=True)
+class ParamReader:
+    """Reads a checkpoint's parameters one at a time (an export never holds the whole model).
+
+    `shapes` maps each parameter's path (string keys) to its ShapeDtypeStruct, from the
+    checkpoint's own metadata, in tree order; `read(path)` restores just that parameter onto
+    `device`, from a checkpoint saved on any mesh.
+    """
+
+    state_dir: str
+    record: dict[str, Any]
+    step: int
+    shapes: dict[tuple[str, ...], jax.ShapeDtypeStruct]
+    keys: dict[tuple[str, ...], tuple]   # the tree's own keys (ints for list entries)
+    device: jax.Device
+
+    def read(self, path: tuple[str, ...]) -> jax.Array:
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        shape = self.shapes[path]
+        target: Any = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+        for key in reversed(self.keys[path]):
+            target = {key: target}
+        target = {'params': target}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(self.state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))['params']
+        for key in self.keys[path]:
+            restored = restored[key]
+        return restored
+
+
+def param_reader(workdir: str, step: int | None = None,
+                 device: jax.Device | None = None) -> ParamReader:
+    """A reader of the parameters of a run's checkpoint (the latest by default), read-only."""
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f'{ckpt_dir} does not exist')
+    checkpointer = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise ConfigError(f'{ckpt_dir} holds no checkpoint'
+                              + ('' if step is None else f' at step {step}'))
+        record = checkpointer.read_record(step)
+    finally:
+        checkpointer.close()
+    state_dir = os.path.join(checkpointer.path(step), 'state')
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
+    shapes, keys = {}, {}
+    for tree_path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]:
+        own = tuple(getattr(k, 'key', k) for k in tree_path)
+        path = tuple(str(k) for k in own)
+        shapes[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        keys[path] = own
+    return ParamReader(state_dir, record, step, shapes, keys, device or jax.local_devices()[0])
+
 class SaveTimer:
     """Time-based saves: due once `every_minutes` have passed since the last save (0 = never)."""
 

@@ -49,3 +49,22 @@ def fixed_batch_losses(c, devices, tokens_BL, steps=2) -> list[float]:
             state, metrics = setup.train_step(state, batch)
             out.append(float(metrics['loss']))
     return out
+
+
+def trained_run(workdir: str, c, steps: int = 2):
+    """Trains `c` for `steps` updates in `workdir` (saving the last step): weights not at init."""
+    from pretrain import train
+    c.train.steps = steps
+    c.checkpoint.every_steps = steps
+    c.schedule.update(warmup_steps=1, decay_steps=1)
+    return train.run(c, workdir)
+
+
+def model_logits(c, params, tokens_BL):
+    """Float32 logits of the model `c` with `params` (a pure dict) on `tokens_BL`."""
+    import model_zoo
+    from pretrain import parametrization
+    from pretrain import state as state_lib
+    definition = state_lib.model_def(model_zoo.FAMILIES.get(c.model.family).build, c,
+                                     parametrization.from_config(c))
+    return definition.merge(params)(tokens_BL)

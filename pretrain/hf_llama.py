@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain import parametrization
+from pretrain import parametrization as parametrization_lib
 from pretrain.errors import ConfigError
 
 ARCHITECTURE = 'LlamaForCausalLM'
@@ -51,8 +51,8 @@ def check_exportable(cfg) -> None:
     if cfg.model.family != 'transformer':
         raise ConfigError(f'model.family={cfg.model.family!r}: only the transformer family has '
                           'a Hugging Face layout here (LlamaForCausalLM)')
-    p13n = parametrization.from_config(cfg)
-    if cfg.model.tie_embeddings and p13n.embedding_mult() != 1.0:
+    parametrization = parametrization_lib.from_config(cfg)
+    if cfg.model.tie_embeddings and parametrization.embedding_mult() != 1.0:
         raise ConfigError(
             f'parametrization.input_mult={cfg.parametrization.input_mult} with '
             'model.tie_embeddings=True cannot be folded into the Llama layout (the tied table is '
@@ -62,13 +62,13 @@ def check_exportable(cfg) -> None:
 def folds(cfg) -> Folds:
     """The multipliers of the run `cfg` that its HF weights carry folded in."""
     check_exportable(cfg)
-    p13n = parametrization.from_config(cfg)
+    parametrization = parametrization_lib.from_config(cfg)
     head_dim = cfg.model.d_model // cfg.model.n_heads
-    query = p13n.attn_logit_scale(head_dim) * math.sqrt(head_dim)
+    query = parametrization.attn_logit_scale(head_dim) * math.sqrt(head_dim)
     if abs(query - 1.0) < 1e-12:   # SP: 1/sqrt(K) * sqrt(K) is 1 up to rounding
         query = 1.0
-    return Folds(query=query, residual=p13n.residual_mult(), readout=p13n.readout_mult(),
-                 embedding=p13n.embedding_mult())
+    return Folds(query=query, residual=parametrization.residual_mult(), readout=parametrization.readout_mult(),
+                 embedding=parametrization.embedding_mult())
 
 
 def llama_config(cfg, torch_dtype: str) -> dict[str, Any]:

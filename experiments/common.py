@@ -25,3 +25,8 @@ def quiet(c: ml_collections.ConfigDict, steps: int, eval_batches: int = 8) -> No
     c.train.update(steps=steps, eval_every=steps, eval_batches=eval_batches)
     c.metrics.update(tensorboard=False, peak_flops_per_device=1e12)   # skips the matmul probe
     c.mesh.ici.update(data=1)
+
+
+def changed_flags(holders) -> str:
+    """' --name=value' for each absl flag that differs from its default: the command to rerun."""
+    return ''.join(f' --{h.name}={h.value}' for h in holders if h.value != h.default)

@@ -14,13 +14,13 @@ argmin when that is degenerate).
 docs/mutransfer_pilot.{json,md,png}; resumable (a run whose result.json exists is not trained again).
 """
 
-import argparse
 import json
 import math
 import os
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from experiments import common
 import model_zoo
@@ -323,15 +323,18 @@ experiments/mutransfer.py cover some of these; none but output_mult_4 was run).
 """
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--steps', type=int, default=150)
-    p.add_argument('--widths', default='64,128,256,512')
-    p.add_argument('--first_guess', type=int, default=-16, help='k of the first LR 2^(k/2)')
-    p.add_argument('--ablation', default='', choices=['', *ABLATIONS])
-    p.add_argument('--ablation_widths', default='64,256')
-    p.add_argument('--runs', default='runs/experiments/mutransfer')
-    args = p.parse_args()
+_STEPS = flags.DEFINE_integer('steps', 150, 'Training steps per run.')
+_WIDTHS = flags.DEFINE_string('widths', '64,128,256,512', 'Comma-separated d_model values.')
+_FIRST_GUESS = flags.DEFINE_integer('first_guess', -16, 'k of the first LR 2^(k/2).')
+_ABLATION = flags.DEFINE_enum('ablation', '', ['', *ABLATIONS], 'One muP variant to add.')
+_ABLATION_WIDTHS = flags.DEFINE_string('ablation_widths', '64,256', 'Widths of the ablation.')
+_RUNS = flags.DEFINE_string('runs', 'runs/experiments/mutransfer', 'Folder of the runs.')
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    args = flags.FLAGS
     common.setup()
     widths = sorted(int(w) for w in args.widths.split(','))
     runs = os.path.join(args.runs, f'steps{args.steps}')
@@ -356,9 +359,8 @@ def main() -> None:
         'step_time_s': {w: float(np.median([pt['step_time_s'] for ww, pt in points if ww == w]))
                         for w in sorted({w for w, _ in points}, key=int)},
     }
-    command = '.venv/bin/python -m experiments.mutransfer' + ''.join(
-        f' --{k}={v}' for k, v in vars(args).items()
-        if v != p.get_default(k) and k != 'runs')
+    command = '.venv/bin/python -m experiments.mutransfer' + common.changed_flags(
+        [_STEPS, _WIDTHS, _FIRST_GUESS, _ABLATION, _ABLATION_WIDTHS])
     os.makedirs(DOCS, exist_ok=True)
     with open(os.path.join(DOCS, 'mutransfer_pilot.json'), 'w') as f:
         json.dump(jsonable(out), f, indent=1, allow_nan=False)
@@ -369,4 +371,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

@@ -12,12 +12,12 @@ winning because the LR suits it?). Writes docs/wsd_vs_cosine.{json,md,png}. Resu
 whose result.json exists is not trained again.
 """
 
-import argparse
 import json
 import os
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from configs import lm_tiny
 from experiments import common
@@ -237,18 +237,20 @@ constant-LR run at that step.
 """
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--budgets', default='200,400,600')
-    p.add_argument('--lrs', default='3e-3,1.5e-3,6e-3',
-                   help='peak LRs; the first is the main comparison')
-    p.add_argument('--runs', default='runs/experiments/wsd')
-    args = p.parse_args()
+_BUDGETS = flags.DEFINE_string('budgets', '200,400,600', 'Comma-separated step budgets.')
+_LRS = flags.DEFINE_string('lrs', '3e-3,1.5e-3,6e-3', 'Peak LRs; the first is the main comparison.')
+_RUNS = flags.DEFINE_string('runs', 'runs/experiments/wsd', 'Folder of the runs.')
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    args = flags.FLAGS
     common.setup()
     budgets = sorted(int(b) for b in args.budgets.split(','))
     out = run_all(budgets, args.runs, [float(x) for x in args.lrs.split(',')])
-    command = '.venv/bin/python -m experiments.wsd_vs_cosine' + ''.join(
-        f' --{k}={v}' for k, v in vars(args).items() if v != p.get_default(k))
+    command = '.venv/bin/python -m experiments.wsd_vs_cosine' + common.changed_flags(
+        [_BUDGETS, _LRS, _RUNS])
     os.makedirs(DOCS, exist_ok=True)
     with open(os.path.join(DOCS, 'wsd_vs_cosine.json'), 'w') as f:
         json.dump(jsonable(out), f, indent=1, allow_nan=False)
@@ -258,4 +260,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

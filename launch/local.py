@@ -13,7 +13,6 @@ process groups) are ever signalled. Exit status: 0 if every process succeeded, e
 failure's code (124 on timeout), with a message naming the process.
 """
 
-import argparse
 import os
 import re
 import signal
@@ -23,6 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from absl import app, flags
 
 from pretrain import logs
 
@@ -182,33 +183,27 @@ class Launcher:
         return 0
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(argv)
-    split = argv.index('--') if '--' in argv else len(argv)
-    parser = argparse.ArgumentParser(prog='python -m launch.local', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--num_processes', type=int, default=2)
-    parser.add_argument('--devices_per_process', type=int, default=4)
-    parser.add_argument('--timeout_s', type=float, default=None, help='kill everything after this')
-    parser.add_argument('--grace_s', type=float, default=30.0,
-                        help='after a failure, how long the others may take to stop on their own')
-    parser.add_argument('--port', type=int, default=None, help='coordinator port (default: a free one)')
-    parser.add_argument('--verbosity', type=int, default=0,
-                        help='1 or more: also forward the chatter hidden by default (the '
-                        "command's own --verbosity governs its Python logs)")
-    args = parser.parse_args(argv[:split])
-    command = argv[split + 1:]
+def define_flags() -> None:
+    """The launcher's flags; defined only when it runs as a program, since the trainer it may be
+    imported beside has its own --num_processes (pretrain.distributed)."""
+    flags.DEFINE_integer('num_processes', 2, 'Processes to start.', lower_bound=1)
+    flags.DEFINE_integer('devices_per_process', 4, 'Simulated CPU devices per process.',
+                         lower_bound=1)
+    flags.DEFINE_float('timeout_s', None, 'Kill everything after this many seconds.')
+    flags.DEFINE_float('grace_s', 30.0, 'After a failure, how long the others may take to stop '
+                       'on their own.')
+    flags.DEFINE_integer('port', None, 'Coordinator port (default: a free one).')
+    # --verbosity is absl's own flag: 1 or more also forwards the chatter hidden by default (the
+    # command's own --verbosity governs its Python logs).
+
+
+def main(argv: Sequence[str]) -> int:
+    command = list(argv[1:])   # everything after --
     if not command:
-        parser.error('no command: put it after --, e.g. -- python -m pretrain.train ...')
-    if args.num_processes < 1 or args.devices_per_process < 1:
-        parser.error('--num_processes and --devices_per_process must be >= 1')
-    return args, command
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args, command = parse(sys.argv[1:] if argv is None else argv)
-    launcher = Launcher(command, args.num_processes, args.devices_per_process,
-                        args.timeout_s, args.grace_s, args.port, args.verbosity)
+        raise app.UsageError('no command: put it after --, e.g. -- python -m pretrain.train ...')
+    values = flags.FLAGS
+    launcher = Launcher(command, values.num_processes, values.devices_per_process,
+                        values.timeout_s, values.grace_s, values.port, values.verbosity)
 
     def forward(signum, frame):
         launcher._say(f'received {signal.Signals(signum).name}: forwarding it to the processes')
@@ -225,4 +220,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    define_flags()
+    app.run(main)

@@ -58,7 +58,7 @@ def test_transfer_met_for_mup_and_sp_drifts():
     assert groups['mup']['drift']['total'] == pytest.approx(0.0, abs=0.05)
     assert groups['sp']['drift']['per_doubling'] == pytest.approx(-1.0, abs=0.05)
     verdicts = {(v['variant'], v['criterion'].split()[0]): v['verdict'] for v in result['verdicts']}
-    assert verdicts[('mup', '|drift|')] == 'met'
+    assert verdicts[('mup', 'abs(drift)')] == 'met'
     assert verdicts[('sp', 'drifts')] == 'met'
     assert verdicts[('mup', 'every')] == 'met'   # 0.05 nats per doubling, 0.005 noise
     assert groups['mup']['noise_floor'] == pytest.approx(0.005, rel=1.0)
@@ -70,7 +70,7 @@ def test_larger_not_better_is_not_met_and_unbracketed_is_not_shown():
     ladder = [v for v in flat['verdicts'] if v['criterion'].startswith('every')][0]
     assert ladder['verdict'] == 'not met'
     edge = transfer.report(_rows({'mup': 0.0}, ks=range(-14, -9)), n_boot=100)   # optimum 2^-7 at k=-14
-    assert [v['verdict'] for v in edge['verdicts'] if v['criterion'].startswith('|drift|')] == ['not shown']
+    assert [v['verdict'] for v in edge['verdicts'] if v['criterion'].startswith('abs(drift)')] == ['not shown']
 
 
 def test_completep_is_its_own_variant_and_markdown_renders(tmp_path):
@@ -97,3 +97,9 @@ def test_choose_and_write_base(tmp_path):
     assert namespace['TUNED'] == {'optim.lr': 0.003, 'parametrization.output_mult': 4.0}
     with pytest.raises(ValueError, match='no finished run'):
         transfer.choose_base(rows[2:])
+
+
+def test_one_seed_shows_no_verdict():
+    """With a single seed no interval exists: nothing is met or not met, only 'not shown'."""
+    result = transfer.report(_rows({'mup': 0.0, 'sp': -1.0}, seeds=(0,)), n_boot=50)
+    assert {v['verdict'] for v in result['verdicts']} == {'not shown'}

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 TRANSFER_GOAL_OCTAVES = 0.5   # |drift over the whole range| the mup-like variants must stay under
+MIN_SEEDS = 2                 # an interval (and so a verdict) needs at least this many seeds
 MUP_LIKE = ('mup', 'depth_mup', 'completep')
 
 
@@ -211,17 +212,18 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
                  'noise_floor': noise_floor(group_grids)}
         out['groups'].append(entry)
         low, high = d['interval']
-        enough = len(sizes) >= 2 and d.get('all_bracketed', False) and math.isfinite(low)
+        seeded = min(d['seeds'].values()) >= MIN_SEEDS
+        enough = len(sizes) >= 2 and d.get('all_bracketed', False) and math.isfinite(low) and seeded
         if variant in MUP_LIKE:
             met = (-TRANSFER_GOAL_OCTAVES < low and high < TRANSFER_GOAL_OCTAVES) if enough else None
-            criterion = f'|drift| < {TRANSFER_GOAL_OCTAVES} octave (95% interval inside)'
+            criterion = f'abs(drift) < {TRANSFER_GOAL_OCTAVES} octave (95% interval inside)'
         else:
             met = (low > 0 or high < 0) if enough else None
             criterion = 'drifts clearly (95% interval excludes 0)'
         out['verdicts'].append({'variant': variant, 'steps': steps, 'criterion': criterion,
                                 'verdict': _verdict(met), 'total_drift': d['total'], 'interval': d['interval']})
         if ladder:
-            complete = all(x['seeds'] >= 2 and math.isfinite(x['interval'][1]) for x in ladder)
+            complete = all(x['seeds'] >= MIN_SEEDS and math.isfinite(x['interval'][1]) for x in ladder)
             met = all(x['interval'][1] < 0 for x in ladder) if complete else None
             out['verdicts'].append({
                 'variant': variant, 'steps': steps, 'verdict': _verdict(met),
@@ -245,7 +247,7 @@ def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
         sp_lr = g_sp.lrs[int(np.nanargmin(np.where(np.isfinite(sp_mean), sp_mean, np.inf)))]
         diff = paired_difference(_by_seed(g_sp, sp_lr),
                                  _by_seed(families[(variant, steps)][largest], entry['transferred_lr']))
-        met = None if math.isnan(diff['mean']) else diff['mean'] <= 0
+        met = None if math.isnan(diff['mean']) or diff['seeds'] < MIN_SEEDS else diff['mean'] <= 0
         verdicts.append({'variant': variant, 'steps': steps, 'size': largest, 'verdict': _verdict(met),
                          'criterion': f'{variant} (transferred LR) <= SP tuned at the largest size',
                          'sp_lr': sp_lr, 'difference': diff})
@@ -321,7 +323,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         d = g['drift']
         lr = g['transferred_lr']
         lines.append(f'| {g["variant"]} | {g["steps"]} | {d["per_doubling"]:+.3f} | {d["total"]:+.3f} | '
-                     f'{_fmt_interval(d["interval"])} | {g["noise_floor"]:.4f} | '
+                     f'{_fmt_interval(d["interval"])} | '
+                     f'{"n/a" if math.isnan(g["noise_floor"]) else format(g["noise_floor"], ".4f")} | '
                      f'{"n/a" if lr is None else f"{lr:.3g}"} |')
     lines += ['', f'Larger-is-better at the transferred LR (loss of the larger {axis} minus the smaller, '
               'paired by seed, 95% t interval):', '',

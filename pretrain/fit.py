@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from pretrain import logs
-from pretrain.study import fit, transfer
+from pretrain.errors import ConfigError
+from pretrain.study import fit, results, transfer
 
 _SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Folder holding results.jsonl.', required=True)
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples per fit (0: none).',
@@ -47,9 +48,13 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logs.quiet_libraries()
+    try:
+        rows = results.load_results(_SWEEP_DIR.value)   # a missing, garbled or empty file: one line
+    except ConfigError as e:
+        raise SystemExit(f'config error: {e}') from None
     out = _out_dir(_SWEEP_DIR.value)
     if _TRANSFER.value:
-        paths = transfer.write_report(transfer.load_rows(_SWEEP_DIR.value), out, _TRANSFER.value,
+        paths = transfer.write_report(rows, out, _TRANSFER.value,
                                       n_boot=max(_BOOTSTRAP.value, 1) * 10)
     else:
         fits = fit.run(_SWEEP_DIR.value, _BOOTSTRAP.value, out)

@@ -118,3 +118,41 @@ def test_bad_input_fails_cleanly(name, tmp_path):
     assert not os.path.exists(workdir) or name.startswith('workdir')
     assert sorted(os.listdir(tmp)) == before   # nothing written beside it either
     assert not os.path.exists(os.path.join(ROOT, 'run'))
+
+
+# The study tools: (module and arguments, words stderr must contain). {tmp} as above.
+STUDY_CASES = {
+    'sweep file with a syntax error': (['pretrain.sweep', '--sweep={tmp}/syntax.py',
+                                        '--workdir={tmp}/sweep'], ['syntax.py', 'line 3']),
+    'sweep file missing': (['pretrain.sweep', '--sweep={tmp}/missing.py', '--workdir={tmp}/sweep'],
+                           ['missing.py', 'no such file']),
+    'fit on a missing folder': (['pretrain.fit', '--sweep_dir={tmp}/nowhere'],
+                                ['nowhere', 'no results.jsonl']),
+    'fit on a garbled results.jsonl': (['pretrain.fit', '--sweep_dir={tmp}/garbled'],
+                                       ['results.jsonl:2', 'not a JSON row']),
+    'fit on an empty results.jsonl': (['pretrain.fit', '--sweep_dir={tmp}/empty'],
+                                      ['results.jsonl', 'empty']),
+}
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=() if name == 'fit on a garbled results.jsonl' else pytest.mark.slow)
+    for name in STUDY_CASES])
+def test_study_tools_fail_cleanly_on_bad_input(name, tmp_path):
+    tmp = str(tmp_path / 'case')
+    _prepare(tmp)
+    for folder, text in (('garbled', '{"name": "a"}\n{garbled\n'), ('empty', '')):
+        os.makedirs(os.path.join(tmp, folder, 'runs'))
+        with open(os.path.join(tmp, folder, 'results.jsonl'), 'w') as f:
+            f.write(text)
+    before = {folder: sorted(os.listdir(os.path.join(tmp, folder))) for folder in ('garbled', 'empty')}
+    module, *args = STUDY_CASES[name][0]
+    out = subprocess.run([sys.executable, '-m', module, *[a.format(tmp=tmp) for a in args]],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    stderr = out.stderr.strip()
+    assert out.returncode != 0, stderr[-2000:]
+    assert 'Traceback' not in stderr and len(stderr.splitlines()) <= MAX_STDERR_LINES, stderr[-3000:]
+    for word in STUDY_CASES[name][1]:
+        assert word in stderr, stderr
+    assert not os.path.exists(os.path.join(tmp, 'sweep'))
+    assert before == {f: sorted(os.listdir(os.path.join(tmp, f))) for f in ('garbled', 'empty')}

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from pretrain.errors import NonFiniteError
+from pretrain.errors import ConfigError, NonFiniteError
 from pretrain.jsonable import jsonable
 
 RESULT = 'result.json'
@@ -171,11 +171,20 @@ def collect(run_paths: Iterable[str], out_dir: str) -> int:
 def load_results(sweep_dir: str) -> list[dict[str, Any]]:
     """Rows of DIR/results.jsonl with 'inf'/'nan' strings back as floats; `flops` filled as
     6 N D when missing, `curve` read from the run's `metrics` file when given instead."""
+    path = os.path.join(sweep_dir, 'results.jsonl')
+    if not os.path.isfile(path):
+        raise ConfigError(f'--sweep_dir={sweep_dir!r}: no results.jsonl there (run the sweep '
+                          'first, or point at the folder that holds it)')
     rows = []
-    with open(os.path.join(sweep_dir, 'results.jsonl'), encoding='utf-8') as f:
-        for line in f:
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                rows.append(_floats(json.loads(line)))
+                try:
+                    rows.append(_floats(json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f'{path}:{number}: not a JSON row ({e.msg})') from None
+    if not rows:
+        raise ConfigError(f'{path} is empty: no finished run to fit yet')
     for r in rows:
         if 'flops' not in r and 'params' in r and 'tokens' in r:
             r['flops'] = 6.0 * r['params'] * r['tokens']

@@ -170,7 +170,10 @@ def load(path: str) -> Sweep:
     """Imports a sweep file and calls its get_sweep()."""
     if not os.path.isfile(path):
         raise ConfigError(f'--sweep={path!r}: no such file')
-    module = _import(path, 'sweep_definition')
+    try:
+        module = _import(path, 'sweep_definition')
+    except SyntaxError as e:
+        raise ConfigError(f'--sweep={path!r}: syntax error at line {e.lineno}: {e.msg}') from None
     if not hasattr(module, 'get_sweep'):
         raise ConfigError(f'--sweep={path!r} must define get_sweep() returning pretrain.study.sweep.Sweep')
     sweep = module.get_sweep()

@@ -108,12 +108,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def main(argv) -> None:
     logs.quiet_libraries()   # library chatter off unless --verbosity is raised
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+        raise SystemExit(f'usage error: unexpected arguments {argv[1:]} (flags look like --name=value)')
     if _CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
-        raise app.UsageError('--config and --workdir are required')
+        raise SystemExit('usage error: --config=FILE and --workdir=DIR are required, e.g. '
+                         '--config=configs/lm_tiny.py --workdir=runs/tiny')
     if _DRY_RUN_DEVICES.value:
         if not _DRY_RUN.value:
-            raise app.UsageError('--dry_run_devices needs --dry_run')
+            raise SystemExit('usage error: --dry_run_devices needs --dry_run')
         # Before anything initialises a backend; afterwards the device count is fixed.
         jax.config.update('jax_platforms', 'cpu')
         jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)

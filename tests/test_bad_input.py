@@ -132,6 +132,8 @@ STUDY_CASES = {
                                        ['results.jsonl:2', 'not a JSON row']),
     'fit on an empty results.jsonl': (['pretrain.fit', '--sweep_dir={tmp}/empty'],
                                       ['results.jsonl', 'empty']),
+    'trainer without --config': (['pretrain.train', '--workdir={tmp}/sweep'],
+                                 ['--config=FILE', '--workdir=DIR']),
 }
 
 

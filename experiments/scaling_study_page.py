@@ -51,7 +51,11 @@ def annealing_section(table: dict[str, Any]) -> list[str]:
         'linear (branch at 480), 10% linear (branch at 540, another length) and 20% 1-sqrt '
         '(branch at 480, another shape). The loss is the held-out eval loss on 4 fixed batches '
         '(8,192 tokens), logged every 5 steps; the LR is logged every step, so S1 and S2 are '
-        'exact.',
+        'exact. These runs predate the attention-logit-scale fix of the muP issue: at width 32 '
+        '(2 heads of 16 dims under base width 64) their logits were scaled by 0.354 where the '
+        'corrected rule gives 0.25; width 64 is the base and unchanged. The sweep file now pins '
+        'the head dim (base_head_dim 16) and the coupled decay these runs used, so re-running it '
+        'reproduces width 64 and corrects width 32 (not re-run yet).',
         '',
         'The law L(s) = L0 + A S1(s)^-alpha - C S2(s) (Tissue et al. 2024; lambda = 0.999, the '
         'warmup rise left out of S2, points before the end of warmup left out of the fit) is '

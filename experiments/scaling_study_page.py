@@ -124,7 +124,9 @@ def scaling_section(fits: dict[str, Any], rows: Sequence[dict[str, Any]]) -> lis
         'width one constant-LR run of 600 steps; 1-sqrt cooldowns over the last 20% branch from '
         'it to end at 150, 300 and 600 steps. Loss: held-out, 8 batches, at the end of each '
         'cooldown. The eval set (8 batches) is not the one of section 1 (4 batches), so losses '
-        'of the two sections are not comparable.',
+        'of the two sections are not comparable. Like section 1 these runs predate the '
+        'attention-scale fix: every width but 64 had its logits scaled by sqrt(64/d_model) times '
+        'the corrected value.',
         '',
         '| d_model | N (non-embedding) | ' + ' | '.join(f'{b} steps ({b * 2048 / 1e6:.2f}M tok)'
                                                       for b in budgets)

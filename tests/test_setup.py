@@ -18,7 +18,7 @@ from pretrain import setup as setup_lib
 from pretrain import train
 from pretrain.errors import ConfigError
 from pretrain.registry import Registry
-from tests.helpers import tiny_config, with_mesh
+from tests.helpers import leaves_by_path, tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry points look the family registry up and hand it in; every other module of pretrain/ is

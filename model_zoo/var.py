@@ -27,7 +27,7 @@ from pretrain import checkpoint as checkpoint_lib
 from pretrain import parametrization as parametrization_lib
 from pretrain import state as state_lib
 from pretrain.errors import ConfigError, check_choice
-from pretrain.mesh import constrain
+from pretrain.mesh import AXES, constrain
 from pretrain.parametrization import Parametrization
 
 ACT_BLD = ('act_batch', 'act_length', 'act_embed')
@@ -309,6 +309,11 @@ def make_prepare(cfg):
     """The pipeline's frozen stage-1 encoding: images -> codes and teacher-forcing inputs."""
     tokenizer, _ = load_tokenizer(cfg)
     graphdef, params = nnx.split(tokenizer)
+    # The trainer prepares eval batches inside its own mesh context, whose devices jit would
+    # demand of the arguments; the frozen tokenizer lives on one device, so it runs under a
+    # one-device mesh of its own.
+    device, = jax.tree.leaves(params)[0].devices()
+    own_mesh = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(AXES)), AXES)
 
     @jax.jit
     def encode(params, images_BHWC):
@@ -317,7 +322,8 @@ def make_prepare(cfg):
         return jnp.concatenate(codes, axis=1), model.teacher_inputs(codes)
 
     def prepare(batch: dict) -> dict:
-        codes, inputs = jax.device_get(encode(params, batch['images']))
+        with jax.set_mesh(own_mesh):
+            codes, inputs = jax.device_get(encode(params, batch['images']))
         return {'codes': np.asarray(codes, np.int32), 'inputs': np.asarray(inputs, np.float32),
                 'labels': batch['labels'], 'u': batch['u']}
 

@@ -28,6 +28,16 @@ class Start:
     skipped_steps: int = 0                             # skipped non-finite updates so far
     lineage: tuple[dict[str, Any], ...] = ()           # runs this one branched from
 
+    def finished(self, total_steps: int) -> bool:
+        """True when the run's own latest checkpoint is already at (or past) `total_steps`."""
+        return self.resume_step is not None and self.resume_step >= total_steps
+
+    def finished_line(self, workdir: str, total_steps: int) -> str:
+        """The one line a re-run of a finished run prints instead of restoring and compiling."""
+        return (f'{workdir} is already finished: its latest checkpoint is step {self.resume_step} '
+                f'(train.steps={total_steps}). To train further, raise --config.train.steps and '
+                'pass --config.schedule.allow_resume_change=True; to start over, use a new --workdir.')
+
     def open_checkpointer(self, checkpoint_cfg) -> checkpoint_lib.Checkpointer:
         """The run's own checkpointer (created now for a run that has none yet)."""
         return self.checkpointer or checkpoint_lib.Checkpointer(self.checkpoint_dir, checkpoint_cfg)

@@ -60,7 +60,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     """Trains (or resumes) the configured run in `workdir`; returns the logged history.
 
     'preempted' in the result is True when SIGTERM/SIGINT stopped the run after saving at
-    'step'. Raises ConfigError before any compute, and NonFiniteError on a NaN/inf loss or
+    'step'. A workdir whose latest checkpoint is already at train.steps is left as it is: one
+    line says so and the result has 'already_finished' True, no history and no 'state'. Raises ConfigError before any compute, and NonFiniteError on a NaN/inf loss or
     gradient with train.nonfinite_policy='stop'. dry_run=True only compiles the step on
     abstract inputs and reports its size and cost (pretrain/dry_run.py); `workdir` is not touched.
     """
@@ -70,6 +71,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         return dry_run_lib.report(setup)
     start = start_lib.plan(setup, workdir, log=absl_logging.warning)   # checked, nothing created
     cfg = setup.cfg
+    if start.finished(cfg.train.steps):   # re-run of a finished run: nothing to restore or compile
+        if jax.process_index() == 0:
+            print(start.finished_line(workdir, cfg.train.steps), flush=True)
+        return {'history': [], 'eval': [], 'step': start.resume_step, 'params': setup.param_count,
+                'state': None, 'preempted': False, 'skipped': start.skipped_steps,
+                'already_finished': True}
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, 'config.json'), 'w') as f:

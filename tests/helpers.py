@@ -27,6 +27,14 @@ def losses(result) -> list[float]:
     return [h['loss'] for h in result['history']]
 
 
+def leaves_by_path(tree) -> dict:
+    """Leaves as numpy arrays by 'a/0/b' path (a checkpoint keeps list indices as strings)."""
+    import jax
+    import numpy as np
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v) for path, v in flat}
+
+
 def random_tokens(shape, seed=0, vocab=256):
     import jax
     import jax.numpy as jnp

@@ -18,7 +18,7 @@ from pretrain import setup as setup_lib
 from pretrain import train
 from pretrain.errors import ConfigError
 from pretrain.registry import Registry
-from tests.helpers import tiny_config, with_mesh
+from tests.helpers import leaves_by_path, tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry points look the family registry up and hand it in; every other module of pretrain/ is
@@ -97,12 +97,6 @@ def test_setup_hands_its_parametrization_to_the_optimizer():
     np.testing.assert_allclose(hidden / embedding, 0.5, rtol=1e-3)
 
 
-def _by_path(tree) -> dict[str, np.ndarray]:
-    """Leaves by 'a/0/b' path (a checkpoint keeps list indices as strings)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v) for path, v in flat}
-
-
 def test_throughput_leaves_out_save_time_and_restore_params_reads_the_params(tmp_path, monkeypatch):
     pause_s = 2.0
     real_save = checkpoint_lib.Checkpointer.save
@@ -121,7 +115,7 @@ def test_throughput_leaves_out_save_time_and_restore_params_reads_the_params(tmp
 
     params, record, step = checkpoint_lib.restore_params(str(tmp_path))
     assert step == 4 and record['step'] == 4
-    restored, trained = _by_path(params), _by_path(result['state'].params)
+    restored, trained = leaves_by_path(params), leaves_by_path(result['state'].params)
     assert restored.keys() == trained.keys()   # parameters only: no optimizer state
     for path, value in trained.items():
         np.testing.assert_array_equal(restored[path], value)

@@ -8,9 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from pretrain import checkpoint as checkpoint_lib
+from pretrain import loop as loop_lib
+from pretrain import start as start_lib
 from pretrain import train
 from pretrain.errors import ConfigError
-from tests.helpers import losses, tiny_config, with_mesh
+from tests.helpers import leaves_by_path, losses, tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,9 +48,12 @@ def test_exact_resume_is_bit_identical(tmp_path):
     second = train.run(cfg(6), str(tmp_path / 'resumed'))
     assert [h['step'] for h in second['history']] == [4, 5, 6]
     assert losses(first) + losses(second) == straight   # bit for bit
-    a, b = (train.run(cfg(6), str(tmp_path / d))['state'] for d in ('straight', 'resumed'))
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The final checkpoints' params (re-running a finished run restores nothing).
+    a, b = (leaves_by_path(checkpoint_lib.restore_params(str(tmp_path / d))[0])
+            for d in ('straight', 'resumed'))
+    assert a.keys() == b.keys()
+    for path, value in a.items():
+        np.testing.assert_array_equal(value, b[path])
 
 
 def _snapshot(directory):
@@ -84,6 +90,23 @@ def test_bad_input_fails_fast_and_keeps_checkpoints(change, message, trained_wor
     before = _snapshot(trained_workdir)
     with pytest.raises(ConfigError, match=message):
         train.run(c, trained_workdir)
+    assert _snapshot(trained_workdir) == before
+
+
+def test_rerunning_a_finished_run_says_so_and_touches_nothing(trained_workdir, capsys, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError('a finished run must not compile or restore')
+
+    monkeypatch.setattr(loop_lib.TrainLoop, 'compile', no_compile)
+    monkeypatch.setattr(start_lib.Start, 'state', no_compile)
+    before = _snapshot(trained_workdir)
+    capsys.readouterr()
+    result = train.run(tiny_config(steps=3), trained_workdir)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    assert trained_workdir in lines[0] and 'already finished' in lines[0] and 'step 3' in lines[0]
+    assert 'allow_resume_change' in lines[0] and 'new --workdir' in lines[0]
+    assert result['already_finished'] and result['step'] == 3 and result['history'] == []
     assert _snapshot(trained_workdir) == before
 
 

@@ -154,6 +154,22 @@ def test_tokenizer_loss_falls_and_reports_codebook_usage(tokenizer_run):
     assert {'rec_loss', 'vq_loss', 'perplexity', 'dead_codes', 'code_pull'} <= set(last)
 
 
+def test_stage_one_encoding_works_inside_the_trainers_mesh(tokenizer_run):
+    """Eval batches are prepared inside the trainer's 8-device mesh context, while the frozen
+    tokenizer sits on one device (the README's stage 2 failed at its first eval)."""
+    from pretrain import mesh as mesh_lib
+    prepare = var.make_prepare(var_config(tokenizer_run[0]))
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    batch = {'images': images, 'labels': np.arange(4, dtype=np.int32),
+             'u': np.zeros(4, np.float32)}
+    outside = prepare(batch)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1, 1), mesh_lib.AXES)
+    with mesh_lib.activate(mesh):
+        inside = prepare(batch)
+    np.testing.assert_array_equal(inside['codes'], outside['codes'])
+    np.testing.assert_array_equal(inside['inputs'], outside['inputs'])
+
+
 def test_var_loss_falls_with_per_scale_losses(var_run):
     _, result = var_run
     _falls(result)

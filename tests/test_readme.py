@@ -75,6 +75,7 @@ class Check:
     expect: tuple[str, ...] = ()         # paths (relative to the folder) that must exist after
     output: str = ''                     # text the command's output must contain
     timeout_s: int = 600
+    devices: int = 8                     # simulated CPU devices the command sees
 
 
 CHECKS: dict[str, Check] = {
@@ -106,6 +107,13 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.train --config=configs/lm_tiny.py --dry_run --dry_run_devices=16 '
     '--config.mesh.ici.fsdp=4 --config.mesh.ici.tensor=2': Check(
         'run', 'dry_run', flags=TINY_DRY_RUN, output="'fsdp': 4, 'tensor': 2"),
+    # ---- Hugging Face: export the finished tiny run, import it as step 0, train on from it.
+    'python -m pretrain.export --workdir=runs/tiny --format=hf --out=exported/tiny': Check(
+        'run', 'train', expect=('exported/tiny/config.json', 'exported/tiny/model.safetensors')),
+    'python -m pretrain.import_hf --hf_dir=exported/tiny --config=configs/lm_tiny.py '
+    '--workdir=runs/more': Check('run', 'train', flags=TINY_LM, expect=('runs/more/checkpoints/0',)),
+    'python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/more': Check(
+        'run', 'train', flags=TINY_LM, expect=('runs/more/checkpoints/4',)),
     'python -m pretrain.train --config=configs/ssm_tiny.py --workdir=runs/ssm': Check(
         'run', 'ssm', flags=TINY_SSM, expect=('runs/ssm/checkpoints/4',)),
     # ---- VAR: stage 1, stage 2 on it, sampling from stage 2.
@@ -142,6 +150,25 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.fit --sweep_dir=DIR': Check(
         'run', 'sweep', replace=(('DIR', 'runs/sweeps/tiny_lr'),), flags=('--bootstrap=0',),
         expect=('runs/sweeps/tiny_lr/fit_summary.md',)),
+    # ---- the µTransfer workflow: the sweeps listed (hours of training), the base chosen and the
+    # verdicts computed from the committed results, written into the scenario folder. The
+    # sweeps pin one device per run (runs go side by side on a CPU), so they are listed on one.
+    'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_base.py '
+    '--workdir=docs/mutransfer/base_sweep --parallel=2': Check(
+        'run', 'mutransfer', flags=('--dry_run',), devices=1,
+        replace=(('docs/mutransfer/base_sweep', 'runs/base_sweep'),), output='64 runs'),
+    'python -m pretrain.study.transfer --sweep_dir=docs/mutransfer/base_sweep '
+    '--choose_base=configs/sweeps/mutransfer_tuned.py': Check(
+        'run', 'mutransfer', flags=('--out=runs',),
+        replace=(('configs/sweeps/mutransfer_tuned.py', 'runs/tuned.py'),),
+        expect=('runs/tuned.py', 'runs/base_ranking.md')),
+    'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py '
+    '--workdir=docs/mutransfer/width_sweep --parallel=2': Check(
+        'run', 'mutransfer', flags=('--dry_run',), devices=1,
+        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='294 runs'),
+    'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
+        'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
+        expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),
     # ---- one machine, two processes.
     'python -m launch.local --num_processes=2 --devices_per_process=4 --timeout_s=600 -- '
     'python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/mp': Check(
@@ -164,7 +191,7 @@ CHECKS: dict[str, Check] = {
 }
 
 SLOW_SCENARIOS = {'quickstart', 'quickstart_short', 'train', 'ssm', 'var', 'branching',
-                  'coord_check', 'sweep', 'launch_local'}
+                  'coord_check', 'sweep', 'launch_local', 'mutransfer'}
 
 
 def readme_commands(text: str) -> list[str]:
@@ -206,10 +233,11 @@ def tiny_argv(command: str, check: Check) -> list[str]:
     return [sys.executable if arg == 'python' else arg for arg in argv]
 
 
-def run_command(argv: list[str], cwd: str, timeout_s: int) -> subprocess.CompletedProcess:
+def run_command(argv: list[str], cwd: str, timeout_s: int,
+                devices: int = 8) -> subprocess.CompletedProcess:
     """Runs `argv` in its own session; on timeout kills that session's process group only."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     if 'launch.local' not in argv:   # multi-process CPU runs must not share a compilation cache
         env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
@@ -233,7 +261,7 @@ def run_checked(command: str, check: Check, folder: str) -> str:
         with open(os.path.join(ROOT, check.script)) as f:
             assert check.script_line in f.read(), f'{check.script} no longer runs {check.script_line}'
         command = check.command
-    result = run_command(tiny_argv(command, check), folder, check.timeout_s)
+    result = run_command(tiny_argv(command, check), folder, check.timeout_s, check.devices)
     assert result.returncode == 0, f'README command failed: {command}\n{result.stdout[-4000:]}'
     for path in check.expect:
         assert os.path.exists(os.path.join(folder, path)), f'{command}: no {path}\n{result.stdout[-2000:]}'
@@ -242,7 +270,7 @@ def run_checked(command: str, check: Check, folder: str) -> str:
 
 
 def scenario_folder(tmp_path) -> str:
-    for name in ('configs', 'launch'):
+    for name in ('configs', 'launch', 'docs'):   # docs/: committed sweep results, read only
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     return str(tmp_path)
 

@@ -273,6 +273,7 @@ def write_base(path: str, point: Mapping[str, Any], row: Mapping[str, Any], swee
              'Written by `python -m pretrain.study.transfer --choose_base`; do not edit by hand."""',
              '', 'TUNED = {']
     lines += [f'    {k!r}: {v!r},' for k, v in sorted(values.items())] + ['}', '']
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp'
     with open(tmp, 'w') as f:
         f.write('\n'.join(lines))
@@ -410,6 +411,7 @@ def main(argv: Sequence[str]) -> None:
         point, row = choose_base(rows)
         write_base(f.choose_base, point, row, f.sweep_dir)
         ranking = os.path.join(f.out or f.sweep_dir, 'base_ranking.md')
+        os.makedirs(os.path.dirname(ranking), exist_ok=True)
         with open(ranking, 'w') as out:
             out.write(base_ranking_markdown(rows))
         print(f'chose {row["name"]} (held-out loss {float(row["final_loss"]):.4f} of {len(rows)} runs); '

@@ -23,7 +23,7 @@ from tests.helpers import leaves_by_path, tiny_config, with_mesh
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry points look the family registry up and hand it in; every other module of pretrain/ is
 # the trainer's core, below model_zoo.
-ENTRY_POINTS = ('pretrain/train.py', 'pretrain/sweep.py', 'pretrain/study/')
+ENTRY_POINTS = ('pretrain/train.py', 'pretrain/sweep.py', 'pretrain/import_hf.py', 'pretrain/study/')
 
 
 def _imports(path: str) -> set[str]:

@@ -76,7 +76,7 @@ def _train_args(workdir, steps=3):
     return [f'--workdir={workdir}', *_cli_overrides(_config(steps))]
 
 
-@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+@pytest.mark.parametrize('sig', ['SIGTERM', pytest.param('SIGINT', marks=pytest.mark.slow)])
 def test_signal_while_parsing_the_config_exits_75_and_writes_nothing(sig, tmp_path):
     config = tmp_path / 'signalling_config.py'
     config.write_text(_SIGNALLING_CONFIG.format(sig=sig))
@@ -97,7 +97,9 @@ def _phase(phase, workdir, tmp_path, sig='SIGTERM', steps=3):
                  *_train_args(workdir, steps)], tmp_path)
 
 
-@pytest.mark.parametrize('phase', ['validation', 'data', 'compile'])
+# One phase by default (the suite's time budget); every phase with -m slow.
+@pytest.mark.parametrize('phase', [pytest.param('validation', marks=pytest.mark.slow),
+                                   pytest.param('data', marks=pytest.mark.slow), 'compile'])
 def test_sigterm_during_start_up_exits_75(phase, tmp_path):
     workdir = tmp_path / 'run'
     out = _phase(phase, workdir, tmp_path)

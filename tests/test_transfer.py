@@ -103,3 +103,13 @@ def test_one_seed_shows_no_verdict():
     """With a single seed no interval exists: nothing is met or not met, only 'not shown'."""
     result = transfer.report(_rows({'mup': 0.0, 'sp': -1.0}, seeds=(0,)), n_boot=50)
     assert {v['verdict'] for v in result['verdicts']} == {'not shown'}
+
+
+def test_a_size_still_filling_its_grid_is_left_out():
+    rows = _rows({'mup': 0.0}, sizes=(32, 64, 128))
+    rows = [r for r in rows if not (r['config']['model']['d_model'] == 128
+                                    and r['config']['optim']['lr'] > 2.0 ** -9)]   # 3 LRs so far
+    result = transfer.report(rows, n_boot=50)
+    assert result['in_progress'] == [{'variant': 'mup', 'steps': 1000, 'size': 128, 'lrs_run': 3}]
+    assert result['groups'][0]['sizes'] == [32, 64]
+    assert 'In progress' in transfer.markdown(result)

@@ -33,6 +33,7 @@ from scipy import stats
 
 TRANSFER_GOAL_OCTAVES = 0.5   # |drift over the whole range| the mup-like variants must stay under
 MIN_SEEDS = 2                 # an interval (and so a verdict) needs at least this many seeds
+MIN_LRS = 5                   # a size with fewer LRs run is still in progress: reported, not used
 MUP_LIKE = ('mup', 'depth_mup', 'completep')
 
 
@@ -200,8 +201,14 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
     families: dict[tuple[str, int], dict[int, Grid]] = {}
     for (variant, steps, size), g in by_group.items():
         families.setdefault((variant, steps), {})[size] = g
-    out: dict[str, Any] = {'axis': axis, 'groups': [], 'verdicts': []}
+    out: dict[str, Any] = {'axis': axis, 'groups': [], 'verdicts': [], 'in_progress': []}
     for (variant, steps), group_grids in sorted(families.items()):
+        # A size whose LR grid is still being filled would move the optimum and the common LRs.
+        for size in [z for z, g in group_grids.items() if len(g.lrs) < MIN_LRS]:
+            out['in_progress'].append({'variant': variant, 'steps': steps, 'size': size,
+                                       'lrs_run': len(group_grids.pop(size).lrs)})
+        if not group_grids:
+            continue
         sizes = sorted(group_grids)
         base_size = base if base in group_grids else sizes[0]
         d = drift(group_grids, n_boot)
@@ -241,7 +248,10 @@ def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
         sp = families.get(('sp', steps))
         if variant not in MUP_LIKE or sp is None or entry['transferred_lr'] is None:
             continue
-        largest = max(set(entry['sizes']) & set(sp))
+        shared = set(entry['sizes']) & set(sp)
+        if not shared:
+            continue
+        largest = max(shared)
         g_sp = sp[largest]
         sp_mean = g_sp.mean_over(np.arange(len(g_sp.seeds)))
         sp_lr = g_sp.lrs[int(np.nanargmin(np.where(np.isfinite(sp_mean), sp_mean, np.inf)))]
@@ -334,6 +344,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         for x in g['larger_is_better']:
             lines.append(f'| {g["variant"]} | {g["steps"]} | {x["from"]} -> {x["to"]} | {x["mean"]:+.4f} | '
                          f'{_fmt_interval(x["interval"])} | {x["seeds"]} |')
+    if result.get('in_progress'):
+        lines += ['', f'In progress, left out until at least {MIN_LRS} LRs have run: ' + ', '.join(
+            f'{x["variant"]} {axis} {x["size"]} ({x["steps"]} steps, {x["lrs_run"]} LRs)'
+            for x in result['in_progress']) + '.']
     lines += ['', '| variant | steps | criterion | verdict |', '|---|---|---|---|']
     for v in result['verdicts']:
         lines.append(f'| {v["variant"]} | {v["steps"]} | {v["criterion"]} | **{v["verdict"]}** |')

@@ -387,13 +387,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(workdir: str, step: int | None = None,
-                   device: jax.Device | None = None) -> tuple[Any, dict[str, Any], int]:
-    """(params, JSON record, step) of a run's checkpoint (the latest by default), read-only.
-
-    Only the model parameters are read, onto one device (the first local one by default): their
-    shapes come from the checkpoint's own metadata, so no model or optimizer is rebuilt.
-    """
+def _saved_state(workdir: str, step: int | None) -> tuple[str, dict[str, Any], int]:
+    """(state folder, JSON record, step) of a run's checkpoint (the latest by default)."""
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f'{ckpt_dir} does not exist')
@@ -407,6 +402,17 @@ def restore_params(workdir: str, step: int | None = None,
     finally:
         checkpointer.close()
     state_dir = os.path.join(checkpointer.path(step), 'state')
+    return state_dir, record, step
+
+
+def restore_params(workdir: str, step: int | None = None,
+                   device: jax.Device | None = None) -> tuple[Any, dict[str, Any], int]:
+    """(params, JSON record, step) of a run's checkpoint (the latest by default), read-only.
+
+    Only the model parameters are read, onto one device (the first local one by default): their
+    shapes come from the checkpoint's own metadata, so no model or optimizer is rebuilt.
+    """
+    state_dir, record, step = _saved_state(workdir, step)
     reader = ocp.PyTreeCheckpointer()
     saved = reader.metadata(state_dir).item_metadata.tree['params']
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
@@ -453,19 +459,7 @@ class ParamReader:
 def param_reader(workdir: str, step: int | None = None,
                  device: jax.Device | None = None) -> ParamReader:
     """A reader of the parameters of a run's checkpoint (the latest by default), read-only."""
-    ckpt_dir = os.path.join(workdir, 'checkpoints')
-    if not os.path.isdir(ckpt_dir):
-        raise ConfigError(f'{ckpt_dir} does not exist')
-    checkpointer = Checkpointer(ckpt_dir, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise ConfigError(f'{ckpt_dir} holds no checkpoint'
-                              + ('' if step is None else f' at step {step}'))
-        record = checkpointer.read_record(step)
-    finally:
-        checkpointer.close()
-    state_dir = os.path.join(checkpointer.path(step), 'state')
+    state_dir, record, step = _saved_state(workdir, step)
     saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
     shapes, keys = {}, {}
     for tree_path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]:

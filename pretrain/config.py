@@ -81,7 +81,7 @@ def core_config() -> ml_collections.ConfigDict:
     )
 
     c.optim = dict(
-        name='adamw',
+        name='adamw',              # 'adamw' | 'muon' | 'adafactor' (pretrain/optim.py)
         lr=3e-3,                   # peak learning rate
         b1=0.9,
         b2=0.95,
@@ -91,6 +91,7 @@ def core_config() -> ml_collections.ConfigDict:
         # | 'coupled' (optax adamw) | 'independent' (of the LR) | 'mup_scaled'
         weight_decay_mode='auto',
         grad_clip=1.0,             # global-norm clip; 0 = off
+        **optim.default_config(),  # optim.muon, optim.adafactor
     )
 
     c.parametrization = dict(

@@ -32,6 +32,15 @@ inside the residual blocks.
   (A vector on a fixed-size path, e.g. Mamba-2's B/C conv, gets eps / m with a Theta(1)
   gradient: a smaller eps than needed, which is harmless; a larger one would damp updates.)
 
+Muon (optim.name='muon') updates the matrices (hidden, hidden_fan_in, hidden_to_fixed) with
+orthogonalised momentum times spectral_scale(); its spectral norm is set by that scale, not by
+the gradient, so these roles drop the 1/m of the LR column (the depth factor m_L^(a-1) stays:
+a block's update must still shrink with depth as under Adam) and their Adam eps does not apply.
+The scale is sqrt(fan_out / fan_in) across widths (Yang, Simon & Bernstein 2023), normalised so
+that at the base shape the update's RMS is optim.muon.update_rms (Liu et al. 2025). Embedding,
+readout and vectors keep AdamW and the rows above. Adafactor's update is RMS-normalised like
+Adam's, so it uses the Adam rows unchanged.
+
 SP is the same table with m = m_L = 1 in every multiplier (input and output multipliers still
 apply). Attention logits use 1/sqrt(d_head) under SP and sqrt(d_head_base)/d_head under muP,
 where d_head_base is the base model's head dim: `base_head_dim`, or base_width / n_heads when
@@ -70,15 +79,17 @@ class RoleRule:
     lr: float
     eps: float
     width_scaled: bool   # a matrix with the muP LR eta/m (decays like one)
+    fan_out_scaled: bool  # its output size grows with the width (read by Muon's update scale)
 
 
 ROLE_RULES = {
-    'embedding': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
-    'hidden': RoleRule(init=-0.5, lr=-1.0, eps=-1.0, width_scaled=True),
-    'hidden_fan_in': RoleRule(init=0.0, lr=-1.0, eps=-1.0, width_scaled=True),
-    'hidden_to_fixed': RoleRule(init=-1.0, lr=-1.0, eps=0.0, width_scaled=True),
-    'readout': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
-    'vector': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False),
+    'embedding': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False, fan_out_scaled=True),
+    'hidden': RoleRule(init=-0.5, lr=-1.0, eps=-1.0, width_scaled=True, fan_out_scaled=True),
+    'hidden_fan_in': RoleRule(init=0.0, lr=-1.0, eps=-1.0, width_scaled=True, fan_out_scaled=True),
+    'hidden_to_fixed': RoleRule(init=-1.0, lr=-1.0, eps=0.0, width_scaled=True,
+                                fan_out_scaled=False),
+    'readout': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False, fan_out_scaled=False),
+    'vector': RoleRule(init=0.0, lr=0.0, eps=-1.0, width_scaled=False, fan_out_scaled=False),
 }
 ROLES = tuple(ROLE_RULES)
 
@@ -141,12 +152,32 @@ class Parametrization:
             return 0.0
         return self._m ** ROLE_RULES[role].init
 
-    def lr_mult(self, role: str, in_block: bool) -> float:
+    def lr_mult(self, role: str, in_block: bool, spectral: bool = False) -> float:
+        """`spectral`: the parameter is updated by Muon, whose update scale (spectral_scale)
+        already carries the width, so only the depth factor is left."""
         if ROLE_RULES[role].width_scaled:
-            return self._depth_lr * self._m ** ROLE_RULES[role].lr
+            width = 1.0 if spectral else self._m ** ROLE_RULES[role].lr
+            return self._depth_lr * width
         if role == 'vector' and in_block:
             return self._depth_lr
         return 1.0
+
+    def spectral_scale(self, role: str, fan_in: int, fan_out: int, update_rms: float) -> float:
+        """Muon's multiplier of an orthogonalised update of a fan_in x fan_out matrix.
+
+        update_rms * sqrt(max(fan_in, fan_out)) at the base shape (Liu et al. 2025: the update's
+        RMS matches AdamW's, so one LR serves both), and under muP proportional to
+        sqrt(fan_out / fan_in) across widths (the spectral condition of Yang, Simon & Bernstein
+        2023), so the update's spectral norm does not grow with the width and the LR transfers.
+        Under SP the base shape is this shape. Exactly equal under SP and muP at the base shape.
+        """
+        m = self._m
+        fan_in_base = fan_in / m
+        fan_out_base = fan_out / m if ROLE_RULES[role].fan_out_scaled else float(fan_out)
+        # (fan_out / fan_in) / (fan_out_base / fan_in_base), written so that it is exactly 1.0
+        # at the base shape.
+        ratio = (fan_out * fan_in_base) / (fan_in * fan_out_base)
+        return update_rms * math.sqrt(max(fan_in_base, fan_out_base)) * math.sqrt(ratio)
 
     def eps_mult(self, role: str, in_block: bool) -> float:
         if not self.scale_eps:
@@ -198,13 +229,13 @@ def _base_head_dim(cfg) -> float:
     return float(given)
 
 
-def _in_block(path) -> bool:
+def in_block(path) -> bool:
     return bool(path) and getattr(path[0], 'key', None) == BLOCKS_KEY
 
 
 def per_param(info, fn):
     """A tree like `info` of fn(role, in_block) for every parameter."""
-    return jax.tree_util.tree_map_with_path(lambda path, i: fn(i.role, _in_block(path)), info)
+    return jax.tree_util.tree_map_with_path(lambda path, i: fn(i.role, in_block(path)), info)
 
 
 def scale_init(params, info, parametrization: Parametrization):

@@ -119,6 +119,19 @@ _NEEDS = {
 }
 
 
+# The optimizers (optim.name) each rule has a meaning for, and why not the others.
+_OPTIMIZERS = {
+    'none': (('adamw', 'muon', 'adafactor'), ''),
+    'sqrt_adam': (('adamw',), "it scales Adam's second-moment decay b2 and eps"),
+    'linear_sgd': (('adamw',), 'it is an SGD rule, kept for AdamW only as a baseline'),
+    # tau = B / (eta lambda D) is the timescale of decoupled decay p <- (1 - eta lambda) p,
+    # whatever the update; every optimizer here decays that way.
+    'adamw_timescale': (('adamw', 'muon', 'adafactor'), ''),
+    'step_law': (('adamw',), 'its constants were fitted on AdamW runs'),
+    'deepseek': (('adamw',), 'its constants were fitted on AdamW runs'),
+}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -139,6 +152,10 @@ def validate(cfg) -> None:
     for key in ('ref_ema_momentum', 'ref_b1', 'ref_b2'):
         if not _is_number(s[key]) or not 0.0 <= s[key] < 1.0:
             raise ConfigError(f'scaling.{key}={s[key]!r} must be in [0, 1)')
+    allowed, why = _OPTIMIZERS[s.rule]
+    if cfg.optim.name not in allowed:
+        raise ConfigError(f'scaling.rule={s.rule!r} cannot be used with optim.name='
+                          f'{cfg.optim.name!r} ({why}); it allows optim.name in {list(allowed)}')
     needs = list(_NEEDS[s.rule])
     if s.rule == 'adamw_timescale' and s.timescale_power != 0:
         needs.append('ref_params')

@@ -127,12 +127,12 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     schedule = schedules.make_schedule(spec)
     with mesh_lib.activate(mesh, rules):
-        optimizer = optim.make_optimizer(cfg.optim, schedule, definition.info, parametrization)
+        optimizer = optim.make_optimizer(cfg.optim, schedule, definition, parametrization)
         init = state_lib.init_fn(family.build, cfg, optimizer, parametrization, definition)
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-        shardings = state_lib.state_shardings(definition, optimizer, mesh, rules, abstract)
+        shardings = state_lib.state_shardings(definition, mesh, rules, abstract)
         batch_sharding = mesh_lib.named_sharding(mesh, batch_axes(family))
-        rates = optim.applied_rates(cfg.optim, schedule, definition.info, parametrization)
+        rates = optim.applied_rates(cfg.optim, schedule, definition, parametrization)
         train_step = jax.jit(
             step_lib.make_train_step(family.loss, definition, optimizer, schedule,
                                      cfg.train.grad_accum_steps, rates),

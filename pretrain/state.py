@@ -76,14 +76,45 @@ def param_count(definition: ModelDef, exclude_roles: tuple[str, ...] = ()) -> in
                if r not in exclude_roles)
 
 
-def state_shardings(definition: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: mesh_lib.Rules, abstract_state: TrainState) -> TrainState:
-    """Shardings of every leaf: params by their logical axes; optimizer moments follow params."""
+def state_shardings(definition: ModelDef, mesh: Mesh, rules: mesh_lib.Rules,
+                    abstract_state: TrainState) -> TrainState:
+    """Shardings of every leaf: params by their logical axes; optimizer state by the parameter
+    it belongs to (see _opt_leaf_sharding); counters and other scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda i: mesh_lib.named_sharding(mesh, i.axes, rules), definition.info)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    by_path = {}
+    for path, info in jax.tree_util.tree_flatten_with_path(definition.info)[0]:
+        by_path[tuple(k.key for k in path)] = info
+    shapes = {key: tuple(s.shape) for key, s in zip(
+        by_path, jax.tree.leaves(definition.shapes))}
+    opt_sh = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _opt_leaf_sharding(path, leaf, by_path, shapes, mesh, rules, replicated),
+        abstract_state.opt_state)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def _opt_leaf_sharding(path, leaf, by_path: dict, shapes: dict, mesh: Mesh, rules: mesh_lib.Rules,
+                       replicated: NamedSharding) -> NamedSharding:
+    """An optimizer-state leaf sits under its parameter's own path at the end of its key path
+    (Adam's mu['blocks'][0]['attn']['wq'], inside any chain or partition). A leaf of the
+    parameter's shape gets its sharding; a factored second moment (the shape with one axis
+    removed, Adafactor) gets it without that axis; anything else is replicated."""
+    keys = []
+    for entry in reversed(path):
+        if not isinstance(entry, jax.tree_util.DictKey):
+            break
+        keys.append(entry.key)
+    key = tuple(reversed(keys))
+    info = by_path.get(key)
+    if info is None:
+        return replicated
+    shape, leaf_shape = shapes[key], tuple(leaf.shape)
+    if leaf_shape == shape:
+        return mesh_lib.named_sharding(mesh, info.axes, rules)
+    for i in range(len(shape)):
+        if shape[:i] + shape[i + 1:] == leaf_shape:
+            return mesh_lib.named_sharding(mesh, info.axes[:i] + info.axes[i + 1:], rules)
+    return replicated
 
 
 def init_fn(build, cfg, tx: optax.GradientTransformation, parametrization: Parametrization,

@@ -15,6 +15,7 @@ import pytest
 
 from configs import lm_tiny
 from pretrain import checkpoint as ckpt_lib
+from pretrain import config as config_lib
 from pretrain import preemption, train
 from pretrain import step as step_lib
 from pretrain.errors import ConfigError, NonFiniteError
@@ -93,17 +94,21 @@ def _committed(workdir) -> list[int]:
     return sorted(int(e) for e in _ckpt_entries(workdir) if e.isdigit())
 
 
-def _kill_cfg(steps: int):
+def _kill_cfg(steps: int, optim: dict | None = None):
     c = tiny_config(steps=steps)
     c.checkpoint.update(every_steps=1, keep_last=2, async_save=True)
+    if optim:
+        c = config_lib.with_overrides(c, {f'optim.{k}': v for k, v in optim.items()})
     return c
 
 
-def _kill_and_resume(tmp_path, steps: int, moments: list[str], seed: int) -> None:
+def _kill_and_resume(tmp_path, steps: int, moments: list[str], seed: int,
+                     optim: dict | None = None) -> None:
     """Kills a real run with SIGKILL at `moments` ('save' or 'random'), restarting each time;
-    every logged loss and the final params must equal those of an uninterrupted run."""
+    every logged loss and the final params must equal those of an uninterrupted run. `optim`:
+    optim.* overrides (e.g. another optimizer)."""
     rng = random.Random(seed)
-    straight = train.run(_kill_cfg(steps), str(tmp_path / 'straight'))
+    straight = train.run(_kill_cfg(steps, optim), str(tmp_path / 'straight'))
     expected = {h['step']: h['loss'] for h in straight['history']}
     workdir = tmp_path / 'killed'
     killed_mid_save = 0
@@ -115,7 +120,7 @@ def _kill_and_resume(tmp_path, steps: int, moments: list[str], seed: int) -> Non
         def new_tmp() -> bool:
             return any(TMP_MARK in e and e not in before for e in _ckpt_entries(workdir))
 
-        proc = _start(_kill_cfg(steps), workdir, tmp_path / f'segment{i}.log')
+        proc = _start(_kill_cfg(steps, optim), workdir, tmp_path / f'segment{i}.log')
         try:
             if moment == 'save':    # the moment a half-written checkpoint directory appears
                 reached = _wait_until(proc, new_tmp)

@@ -48,7 +48,7 @@ def _init_params(c):
     parametrization = parametrization_lib.from_config(c)
     md = state_lib.model_def(FAMILY.build, c, parametrization)
     init = state_lib.init_fn(FAMILY.build, c, optim.make_optimizer(
-        c.optim, lambda s: LR, md.info, parametrization), parametrization, md)
+        c.optim, lambda s: LR, md, parametrization), parametrization, md)
     return init(jax.random.PRNGKey(0)).params, md
 
 
@@ -159,7 +159,7 @@ def _first_update(c, grads_fn):
     params, md = _init_params(c)
     parametrization = parametrization_lib.from_config(c)
     spec = schedules.spec_from_config(c.schedule, c.optim.lr, c.train.steps)
-    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md.info, parametrization)
+    tx = optim.make_optimizer(c.optim, schedules.make_schedule(spec), md, parametrization)
     updates, _ = tx.update(jax.tree.map(grads_fn, params), tx.init(params), params)
     return params, updates
 
@@ -244,7 +244,7 @@ def test_weight_decay_modes(mode):
     np.testing.assert_allclose(dw, -expected * w, rtol=1e-5, atol=1e-12)
     assert not np.asarray(updates['final_norm']['scale']).any()   # vectors never decay
     rates = optim.applied_rates(c.optim, schedules.make_schedule(
-        schedules.spec_from_config(c.schedule, LR, c.train.steps)), _init_params(c)[1].info,
+        schedules.spec_from_config(c.schedule, LR, c.train.steps)), _init_params(c)[1],
         parametrization_lib.from_config(c))(jnp.int32(0))
     np.testing.assert_allclose(rates['wd/hidden'], expected, rtol=1e-6)
     np.testing.assert_allclose(rates['lr/hidden'], LR / m, rtol=1e-6)

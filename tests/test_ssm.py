@@ -339,7 +339,7 @@ def _scaled_init(c):
     parametrization = parametrization_lib.from_config(c)
     md = state_lib.model_def(FAMILY.build, c, parametrization)
     params = nnx.to_pure_dict(nnx.state(FAMILY.build(c, nnx.Rngs(0), parametrization), nnx.Param))
-    return parametrization_lib.scale_init(params, md.info, parametrization), md
+    return parametrization_lib.scale_init(params, md, parametrization), md
 
 
 def _width_config(version, name, width, **parametrization):
@@ -404,7 +404,7 @@ def test_mamba1_first_adam_step_per_role_under_mup():
     c = _width_config(1, 'mup', 256)
     c.optim.update(lr=1e-2, weight_decay=0.0, grad_clip=0.0, eps=1e-12)
     params, md = _scaled_init(c)
-    tx = optim.make_optimizer(c.optim, lambda step: 1e-2, md.info, parametrization_lib.from_config(c))
+    tx = optim.make_optimizer(c.optim, lambda step: 1e-2, md, parametrization_lib.from_config(c))
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     mixer = updates['blocks'][0]['mixer']
     for key, lr in {'w_B': 1e-2 / 4, 'w_dt': 1e-2 / 4, 'w_x': 1e-2 / 4, 'dt_bias': 1e-2}.items():

@@ -17,7 +17,8 @@ def _rows(variant_drift: dict[str, float], sizes=(32, 64, 128), seeds=(0, 1, 2),
     rng = np.random.default_rng(0)
     rows = []
     for variant, per_doubling in variant_drift.items():
-        name, alpha = ('depth_mup', 1.0) if variant == 'completep' else (variant, 0.5)
+        parametrization, _, optimizer = variant.partition('+')
+        name, alpha = ('depth_mup', 1.0) if parametrization == 'completep' else (parametrization, 0.5)
         for size in sizes:
             doublings = math.log2(size / sizes[0])
             centre = -7.0 + per_doubling * doublings
@@ -31,7 +32,8 @@ def _rows(variant_drift: dict[str, float], sizes=(32, 64, 128), seeds=(0, 1, 2),
                                  'config': {'parametrization': {'name': name, 'depth_alpha': alpha},
                                             'model': {'d_model': size, 'n_layers': 2},
                                             'train': {'steps': steps}, 'seed': seed,
-                                            'optim': {'lr': 2.0 ** log2_lr}}})
+                                            'optim': {'lr': 2.0 ** log2_lr,
+                                                      'name': optimizer or 'adamw'}}})
     return rows
 
 
@@ -81,6 +83,16 @@ def test_completep_is_its_own_variant_and_markdown_renders(tmp_path):
     assert '| completep | 1000 |' in text and '**met**' in text
     transfer.plot(rows, result, str(tmp_path / 'transfer.png'))
     assert (tmp_path / 'transfer.png').stat().st_size > 1000
+
+
+def test_an_optimizer_other_than_adamw_is_its_own_variant_with_its_own_sp_baseline():
+    result = transfer.report(_rows({'mup+muon': 0.0, 'sp+muon': -1.0, 'mup': 0.5}), n_boot=100)
+    assert {g['variant'] for g in result['groups']} == {'mup+muon', 'sp+muon', 'mup'}
+    verdicts = {(v['variant'], v['criterion'].split()[0]): v['verdict'] for v in result['verdicts']}
+    assert verdicts[('mup+muon', 'abs(drift)')] == 'met'
+    assert verdicts[('mup', 'abs(drift)')] == 'not met'
+    against_sp = [v for v in result['verdicts'] if 'SP tuned' in v['criterion']]
+    assert [v['variant'] for v in against_sp] == ['mup+muon']   # AdamW µP has no AdamW SP here
 
 
 def test_choose_and_write_base(tmp_path):

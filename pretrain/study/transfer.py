@@ -4,7 +4,8 @@ width (or depth), and is every larger model better at that LR?
     python -m pretrain.study.transfer --sweep_dir=runs/mutransfer_width --axis=width --out=DIR
 
 Runs are grouped by (variant, steps, size): the variant is the parametrization (sp, mup,
-depth_mup, completep = depth_mup with alpha 1), the size is d_model (axis=width) or n_layers
+depth_mup, completep = depth_mup with alpha 1), with the optimizer appended when it is not AdamW
+(mup+muon, sp+adafactor; SP of the same optimizer is the tuned baseline), the size is d_model (axis=width) or n_layers
 (axis=depth). Within a group the loss of each (seed, LR) is the held-out loss at the end of the
 run; a diverged run counts as an infinite loss. Every number below is computed here:
 
@@ -38,11 +39,24 @@ MUP_LIKE = ('mup', 'depth_mup', 'completep')
 
 
 def variant_of(config: Mapping[str, Any]) -> str:
-    """The parametrization a run used, with CompleteP (depth_mup, alpha 1) named apart."""
+    """The parametrization a run used, with CompleteP (depth_mup, alpha 1) named apart and the
+    optimizer appended unless it is AdamW."""
     p = config['parametrization']
-    if p['name'] == 'depth_mup' and float(p['depth_alpha']) == 1.0:
-        return 'completep'
-    return p['name']
+    name = p['name']
+    if name == 'depth_mup' and float(p['depth_alpha']) == 1.0:
+        name = 'completep'
+    optimizer = config.get('optim', {}).get('name', 'adamw')
+    return name if optimizer == 'adamw' else f'{name}+{optimizer}'
+
+
+def _parts(variant: str) -> tuple[str, str]:
+    """'mup+muon' -> ('mup', '+muon'); 'sp' -> ('sp', '')."""
+    name, plus, optimizer = variant.partition('+')
+    return name, plus + optimizer
+
+
+def mup_like(variant: str) -> bool:
+    return _parts(variant)[0] in MUP_LIKE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +235,7 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
         low, high = d['interval']
         seeded = min(d['seeds'].values()) >= MIN_SEEDS
         enough = len(sizes) >= 2 and d.get('all_bracketed', False) and math.isfinite(low) and seeded
-        if variant in MUP_LIKE:
+        if mup_like(variant):
             met = (-TRANSFER_GOAL_OCTAVES < low and high < TRANSFER_GOAL_OCTAVES) if enough else None
             criterion = f'abs(drift) < {TRANSFER_GOAL_OCTAVES} octave (95% interval inside)'
         else:
@@ -245,8 +259,8 @@ def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
     verdicts = []
     for entry in groups:
         variant, steps = entry['variant'], entry['steps']
-        sp = families.get(('sp', steps))
-        if variant not in MUP_LIKE or sp is None or entry['transferred_lr'] is None:
+        sp = families.get(('sp' + _parts(variant)[1], steps))
+        if not mup_like(variant) or sp is None or entry['transferred_lr'] is None:
             continue
         shared = set(entry['sizes']) & set(sp)
         if not shared:

@@ -339,7 +339,7 @@ def _scaled_init(c):
     parametrization = parametrization_lib.from_config(c)
     md = state_lib.model_def(FAMILY.build, c, parametrization)
     params = nnx.to_pure_dict(nnx.state(FAMILY.build(c, nnx.Rngs(0), parametrization), nnx.Param))
-    return parametrization_lib.scale_init(params, md, parametrization), md
+    return parametrization_lib.scale_init(params, md.info, parametrization), md
 
 
 def _width_config(version, name, width, **parametrization):

@@ -34,6 +34,9 @@ class Family:
     # Optional: config -> {key: ShapeDtypeStruct of one example}, the batch --dry_run compiles
     # with; None means the text batch {'inputs', 'targets'}: int32[seq_len].
     example_spec: Callable[[Any], dict[str, jax.ShapeDtypeStruct]] | None = None
+    # Optional: config -> raise, checks of what the family's data needs beyond data.* (VAR
+    # stage 2: its stage-1 checkpoint). Run before training; a dry run reads no data, skips it.
+    check_data: Callable[[Any], None] | None = None
 
 
 FAMILIES: Registry[Family] = Registry('model.family')

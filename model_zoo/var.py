@@ -359,7 +359,7 @@ def flops_per_example(cfg) -> float:
 
 
 def validate(cfg, axes: dict[str, int]) -> None:
-    """Shape and mesh checks, then the stage-1 checkpoint (before any compute)."""
+    """Shape and mesh checks (the stage-1 checkpoint is the family's check_data)."""
     m, v = cfg.model, cfg.model.var
     var_tokenizer.check_config(cfg, axes)
     check_choice('model.compute_dtype', m.compute_dtype, ('float32', 'bfloat16'))
@@ -375,7 +375,6 @@ def validate(cfg, axes: dict[str, int]) -> None:
             raise ConfigError(f'{key}={value} must be divisible by the tensor axis size {axes["tensor"]}')
     if m.d_model % axes['fsdp']:
         raise ConfigError(f'model.d_model={m.d_model} must be divisible by the fsdp axis size {axes["fsdp"]}')
-    check_tokenizer(cfg)
 
 
 def depth_rule(depth: int) -> dict[str, int]:
@@ -393,5 +392,6 @@ FAMILIES.register('var')(Family(
     default_config=var_tokenizer.default_config,
     pipeline_options=pipeline_options,
     example_spec=example_spec,
+    check_data=check_tokenizer,
 ))
 

@@ -173,12 +173,15 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
-             num_granules: int = 1, process_count: int = 1) -> dict[str, int]:
+             num_granules: int = 1, process_count: int = 1,
+             check_data: bool = True) -> dict[str, int]:
     """Checks the whole config against the devices; returns the mesh axis sizes (ici x dcn).
 
     `family` is the model_zoo Family that cfg.model.family names (looked up by the caller); its
     own `validate` checks the model keys. Raises ConfigError naming the key, the value and what
     is allowed. Reads no data and computes nothing, so a bad config fails in seconds.
+    check_data=False (a dry run, which reads no data) skips what the data needs: folders,
+    tokenizer files and the family's check_data.
     """
     check_finite_numbers(cfg)
     _positive('seed', cfg.seed, 0)
@@ -211,13 +214,13 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
     if cfg.data.seq_len % axes['sequence']:
         raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be divisible by the sequence '
                           f'axis size {axes["sequence"]}')
-    if family.data == 'text':
+    if check_data and family.data == 'text':
         data.check_data_config(cfg.data)
         vocab = data.make_tokenizer(cfg.data).vocab_size
         if cfg.model.vocab_size < vocab:
             raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
                               f'{cfg.data.tokenizer!r} tokenizer vocabulary ({vocab})')
-    elif family.data == 'image':
+    elif check_data and family.data == 'image':
         data.check_image_config(cfg.data.image)
 
     optim.validate(cfg.optim)
@@ -246,6 +249,8 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
         raise ConfigError(f'metrics.peak_flops_per_device={cfg.metrics.peak_flops_per_device} '
                           'must be >= 0 (0 = automatic)')
     family.validate(cfg, axes)
+    if check_data and family.check_data is not None:   # after the shapes: it may read files
+        family.check_data(cfg)
     return axes
 
 

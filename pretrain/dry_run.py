@@ -1,5 +1,10 @@
 """--dry_run: compile the train step for the configured mesh on abstract inputs and report its
 size, FLOPs and per-device memory. Nothing is materialised, no data is read, nothing is written.
+
+On the devices present or simulated CPU devices (--dry_run_devices) the report checks shardings
+and shapes; the CPU compiler ignores rematerialisation, so its memory is not what an accelerator
+needs. On abstract TPU devices (--dry_run_topology, pretrain/tpu.py) it is the TPU compiler's
+own memory analysis, compared with the chip's HBM, plus a roofline estimate.
 """
 
 import time
@@ -8,14 +13,26 @@ from typing import Any
 import jax
 
 from pretrain import setup as setup_lib
+from pretrain import tpu
 
 
-def report(setup: setup_lib.Setup) -> dict[str, Any]:
-    """Compiles `setup`'s train step; returns (and on process 0 prints) its cost."""
-    with setup.activate():
-        start = time.perf_counter()
-        compiled = setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).compile()
-        compile_s = time.perf_counter() - start
+def report(setup: setup_lib.Setup, topology: str = '', num_slices: int = 1,
+           quiet: bool = False) -> dict[str, Any]:
+    """Compiles `setup`'s train step; returns (and on process 0 prints, unless quiet) its cost.
+    On TPU devices (`topology` names them) it adds 'tpu': HBM fit and a roofline estimate."""
+    device = setup.mesh.devices.flat[0]
+    # The persistent compilation cache cannot hold a program for abstract TPU devices (it has no
+    # client to load it back with): off while compiling one, as it was afterwards.
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    if device.platform == 'tpu':
+        jax.config.update('jax_enable_compilation_cache', False)
+    try:
+        with setup.activate():
+            start = time.perf_counter()
+            compiled = setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).compile()
+            compile_s = time.perf_counter() - start
+    finally:
+        jax.config.update('jax_enable_compilation_cache', cache_was_on)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
@@ -30,11 +47,17 @@ def report(setup: setup_lib.Setup) -> dict[str, Any]:
         'alias_bytes': int(memory.alias_size_in_bytes),   # outputs written over donated inputs
         'temp_bytes': int(memory.temp_size_in_bytes),
         'xla_flops_per_device': float(cost.get('flops', float('nan'))),
+        'xla_bytes_accessed_per_device': float(cost.get('bytes accessed', float('nan'))),
     }
     result['total_bytes'] = (result['argument_bytes'] + result['output_bytes']
                              - result['alias_bytes'] + result['temp_bytes'])
-    if jax.process_index() == 0:
-        print(describe(setup.cfg.model.family, result), flush=True)
+    if device.platform == 'tpu':
+        result['tpu'] = tpu.estimate(result, tpu.chip_of(device), setup.mesh.devices.size)
+    if jax.process_index() == 0 and not quiet:
+        text = describe(setup.cfg.model.family, result)
+        if 'tpu' in result:
+            text += '\n' + tpu.describe(result['tpu'], topology or device.device_kind, num_slices)
+        print(text, flush=True)
     return result
 
 

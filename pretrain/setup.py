@@ -105,13 +105,16 @@ def batch_axes(family: Any) -> tuple[str, ...]:
 
 
 def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, *,
-          families: Registry) -> Setup:
+          families: Registry, check_data: bool = True) -> Setup:
     """Validates `config` for `devices` (default: all), applies its scaling rule and builds the
     setup. `families` is the model family registry (model_zoo.FAMILIES), looked up by the
-    entry point. Raises ConfigError before any compute."""
+    entry point. check_data=False (dry runs) skips the checks of data folders and files.
+    Raises ConfigError before any compute."""
     devices = list(devices or jax.devices())
+    # The hosts that hold the devices: this job's processes, or an abstract topology's hosts.
     layout = dict(num_devices=len(devices), num_granules=mesh_lib.num_granules(devices),
-                  process_count=jax.process_count())
+                  process_count=max(jax.process_count(), len({d.process_index for d in devices})),
+                  check_data=check_data)
     cfg = config_lib.finalize(config)
     family = families.get(cfg.model.family, 'model.family')
     axes = config_lib.validate(cfg, family, **layout)
@@ -129,7 +132,9 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     with mesh_lib.activate(mesh, rules):
         optimizer = optim.make_optimizer(cfg.optim, schedule, definition, parametrization)
         init = state_lib.init_fn(family.build, cfg, optimizer, parametrization, definition)
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        # An abstract key: a concrete one would be placed on the mesh, and the devices of a
+        # TPU topology compiled for ahead of time cannot hold data.
+        abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
         shardings = state_lib.state_shardings(definition, mesh, rules, abstract)
         batch_sharding = mesh_lib.named_sharding(mesh, batch_axes(family))
         rates = optim.applied_rates(cfg.optim, schedule, definition, parametrization)

@@ -39,6 +39,7 @@ from pretrain import peak_flops as peak_flops_lib
 from pretrain import schedules
 from pretrain import setup as setup_lib
 from pretrain import start as start_lib
+from pretrain import tpu as tpu_lib
 from pretrain.errors import CheckpointError, ConfigError, NonFiniteError
 from pretrain.registry import Registry
 
@@ -51,12 +52,20 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step on abstra
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     'dry_run_devices', 0, 'With --dry_run: compile for this many simulated CPU devices instead of '
     'the devices present, to check a mesh layout for a larger machine (shardings and per-device '
-    'memory as the CPU compiler sees them).')
+    'memory as the CPU compiler sees them; the CPU compiler ignores remat, so memory is not '
+    'what an accelerator needs).')
+_DRY_RUN_TOPOLOGY = flags.DEFINE_string(
+    'dry_run_topology', '', 'With --dry_run: compile for this TPU topology (e.g. v5e:4x4, '
+    'v4:2x2x2, v5p:4x4x4, v6e:8x8) with the TPU compiler, on any machine with libtpu installed '
+    "(pip install -e '.[tpu]'); prints per-chip HBM against capacity and a roofline estimate.")
+_DRY_RUN_SLICES = flags.DEFINE_integer(
+    'dry_run_slices', 1, 'With --dry_run_topology: this many slices joined over DCN (mesh.dcn '
+    'then spreads axes over them).')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         devices: list[jax.Device] | None = None, dry_run: bool = False, *,
-        families: Registry = FAMILIES) -> dict[str, Any]:
+        families: Registry = FAMILIES, topology: str = '', num_slices: int = 1) -> dict[str, Any]:
     """Trains (or resumes) the configured run in `workdir`; returns the logged history.
 
     'preempted' in the result is True when SIGTERM/SIGINT stopped the run after saving at
@@ -64,11 +73,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     line says so and the result has 'already_finished' True, no history and no 'state'. Raises ConfigError before any compute, and NonFiniteError on a NaN/inf loss or
     gradient with train.nonfinite_policy='stop'. dry_run=True only compiles the step on
     abstract inputs and reports its size and cost (pretrain/dry_run.py); `workdir` is not touched.
+    `topology` (with dry_run): compile for the abstract devices of that TPU topology instead.
     """
+    if topology:
+        devices = tpu_lib.devices(topology, num_slices)
     devices = list(devices or jax.devices())
-    setup = setup_lib.build(config, devices, families=families)          # plan
+    setup = setup_lib.build(config, devices, families=families, check_data=not dry_run)  # plan
     if dry_run:
-        return dry_run_lib.report(setup)
+        return dry_run_lib.report(setup, topology, num_slices)
     start = start_lib.plan(setup, workdir, log=absl_logging.warning)   # checked, nothing created
     cfg = setup.cfg
     if start.finished(cfg.train.steps):   # re-run of a finished run: nothing to restore or compile
@@ -119,23 +131,31 @@ def main(argv) -> None:
     if _CONFIG.value is None or not (_WORKDIR.value or _DRY_RUN.value):
         raise SystemExit('usage error: --config=FILE and --workdir=DIR are required, e.g. '
                          '--config=configs/lm_tiny.py --workdir=runs/tiny')
-    if _DRY_RUN_DEVICES.value:
-        if not _DRY_RUN.value:
-            raise SystemExit('usage error: --dry_run_devices needs --dry_run')
-        # Before anything initialises a backend; afterwards the device count is fixed.
+    if (_DRY_RUN_DEVICES.value or _DRY_RUN_TOPOLOGY.value) and not _DRY_RUN.value:
+        raise SystemExit('usage error: --dry_run_devices and --dry_run_topology need --dry_run')
+    if _DRY_RUN_DEVICES.value and _DRY_RUN_TOPOLOGY.value:
+        raise SystemExit('usage error: give --dry_run_devices or --dry_run_topology, not both')
+    if _DRY_RUN_SLICES.value != 1 and not _DRY_RUN_TOPOLOGY.value:
+        raise SystemExit('usage error: --dry_run_slices needs --dry_run_topology')
+    if _DRY_RUN_DEVICES.value or _DRY_RUN_TOPOLOGY.value:
+        # Before anything initialises a backend; afterwards the device count is fixed. A
+        # topology's devices are abstract: the host backend stays the CPU.
         jax.config.update('jax_platforms', 'cpu')
-        jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
+        if _DRY_RUN_DEVICES.value:
+            jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
     # A signal while importing or parsing the config: exit 75 before connecting to other processes.
     preemption.startup_signals.exit_if_received('the run started')
     try:
-        distributed.initialize_from_flags()
+        if not _DRY_RUN_TOPOLOGY.value:   # compiling for abstract chips joins no job
+            distributed.initialize_from_flags()
     except distributed.DistributedError as e:
         raise SystemExit(f'distributed error: {e}') from None
     with distributed.fail_fast():   # a crash in one process must not leave the others waiting
         try:
             if not _DRY_RUN.value:   # a file or a read-only folder: one line, before any compute
                 checkpoint_lib.check_writable(_WORKDIR.value)
-            result = run(_CONFIG.value, _WORKDIR.value or '', dry_run=_DRY_RUN.value)
+            result = run(_CONFIG.value, _WORKDIR.value or '', dry_run=_DRY_RUN.value,
+                         topology=_DRY_RUN_TOPOLOGY.value, num_slices=_DRY_RUN_SLICES.value)
         except ConfigError as e:
             raise SystemExit(f'config error: {e}') from None
         except NonFiniteError as e:

@@ -52,6 +52,10 @@ TINY_DRY_RUN = ('--config.model.d_model=32', '--config.model.n_layers=1',
                 '--config.model.d_ff=64', '--config.data.seq_len=32',
                 '--config.train.global_batch_size=16')
 TRAIN_TINY = 'python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/tiny'
+TINY_LLAMA = ('--config.model.n_heads=2', '--config.model.n_kv_heads=1',
+              '--config.model.vocab_size=320', '--config.train.global_batch_size=8')
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+NO_LIBTPU = "needs libtpu, which is not installed: pip install -e '.[tpu]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Check:
     output: str = ''                     # text the command's output must contain
     timeout_s: int = 600
     devices: int = 8                     # simulated CPU devices the command sees
+    without_libtpu: str = ''             # without libtpu the command must fail with this text
 
 
 CHECKS: dict[str, Check] = {
@@ -107,6 +112,19 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.train --config=configs/lm_tiny.py --dry_run --dry_run_devices=16 '
     '--config.mesh.ici.fsdp=4 --config.mesh.ici.tensor=2': Check(
         'run', 'dry_run', flags=TINY_DRY_RUN, output="'fsdp': 4, 'tensor': 2"),
+    # ---- TPU topologies: with libtpu the TPU compiler runs; without it, the message says how
+    # to install it (and nothing else happens).
+    'python -m pretrain.train --config=configs/llama_1b.py --dry_run --dry_run_topology=v5e:4x4': Check(
+        'run', 'tpu', flags=TINY_DRY_RUN + TINY_LLAMA, replace=(('v5e:4x4', 'v5e:2x2'),),
+        output='HBM per chip: fits', without_libtpu=NO_LIBTPU),
+    'python -m pretrain.train --config=configs/lm_tiny.py --dry_run --dry_run_topology=v5e:2x2 '
+    '--dry_run_slices=2 --config.mesh.ici.data=1 --config.mesh.ici.fsdp=4 --config.mesh.dcn.data=2': Check(
+        'run', 'tpu', flags=TINY_DRY_RUN, output="'data': 2, 'fsdp': 4", without_libtpu=NO_LIBTPU),
+    'python -m pretrain.tpu_fit --config=configs/llama_1b.py --topology=v5e:4x4': Check(
+        'run', 'tpu', flags=TINY_DRY_RUN + TINY_LLAMA + ('--remat=none', '--grad_accum=1'),
+        replace=(('v5e:4x4', 'v5e:2x2'),), output='best on v5e:2x2: remat=none',
+        without_libtpu=NO_LIBTPU),
+    'python -m experiments.tpu_fit': Check('module', 'static'),
     # ---- Hugging Face: export the finished tiny run, import it as step 0, train on from it.
     'python -m pretrain.export --workdir=runs/tiny --format=hf --out=exported/tiny': Check(
         'run', 'train', expect=('exported/tiny/config.json', 'exported/tiny/model.safetensors')),
@@ -236,7 +254,8 @@ def tiny_argv(command: str, check: Check) -> list[str]:
 def run_command(argv: list[str], cwd: str, timeout_s: int,
                 devices: int = 8) -> subprocess.CompletedProcess:
     """Runs `argv` in its own session; on timeout kills that session's process group only."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+    python_path = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=python_path, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     if 'launch.local' not in argv:   # multi-process CPU runs must not share a compilation cache
         env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
@@ -262,6 +281,10 @@ def run_checked(command: str, check: Check, folder: str) -> str:
             assert check.script_line in f.read(), f'{check.script} no longer runs {check.script_line}'
         command = check.command
     result = run_command(tiny_argv(command, check), folder, check.timeout_s, check.devices)
+    if check.without_libtpu and not HAS_LIBTPU:
+        assert result.returncode != 0 and check.without_libtpu in result.stdout, (
+            f'{command} without libtpu:\n{result.stdout[-2000:]}')
+        return result.stdout
     assert result.returncode == 0, f'README command failed: {command}\n{result.stdout[-4000:]}'
     for path in check.expect:
         assert os.path.exists(os.path.join(folder, path)), f'{command}: no {path}\n{result.stdout[-2000:]}'
@@ -323,7 +346,7 @@ def test_static_checks():
             assert result.returncode == 0, f'{check.script}: {result.stdout}'
 
 
-@pytest.mark.parametrize('scenario', ['dry_run', 'sweep_dry_run'])
+@pytest.mark.parametrize('scenario', ['dry_run', 'sweep_dry_run', 'tpu'])
 def test_cheap_readme_commands(scenario, tmp_path):
     folder = scenario_folder(tmp_path)
     for command, check in scenario_commands(scenario):

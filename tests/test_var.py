@@ -291,3 +291,10 @@ def test_missing_or_mismatched_tokenizer_checkpoint(tokenizer_run, tmp_path):
     with pytest.raises(ConfigError, match='codebook_size: tokenizer 32 vs config 64'):
         train.run(c, str(tmp_path / 'run'))
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_dry_run_of_stage_2_needs_no_tokenizer_checkpoint(tmp_path):
+    # A dry run reads no data, so it checks a stage-2 layout before stage 1 exists.
+    result = train.run(var_config(str(tmp_path / 'nowhere'), steps=3), '', dry_run=True)
+    assert result['params'] > 0 and result['total_bytes'] > 0
+    assert not os.path.exists(tmp_path / 'nowhere')

@@ -1,0 +1,170 @@
+"""Ahead-of-time compilation for TPU topologies (pretrain/tpu.py, --dry_run_topology, tpu_fit).
+
+The first tests need no libtpu (names, messages, the estimate's arithmetic). The ones marked
+`tpu` compile the real train step of every family with the TPU compiler; they need the tpu extra
+(pip install -e '.[tpu]') and run with `pytest -m tpu`; without libtpu they are skipped.
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import model_zoo
+from configs import ssm_tiny
+from pretrain import setup as setup_lib
+from pretrain import tpu, tpu_fit
+from tests.helpers import tiny_config, with_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+
+
+def _cli(module, *args, timeout=900):
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+@pytest.mark.parametrize('name', ['v5e', 'v9:2x2', 'v5e:2x', 'v5e:0x2', 'v5e:2x2x2x2'])
+def test_a_bad_topology_name_says_what_is_allowed(name):
+    with pytest.raises(tpu.TopologyError, match=r"expected CHIP:AxB\[xC\]|must be >= 1"):
+        tpu.parse(name)
+
+
+def test_topology_names_parse():
+    chip, grid = tpu.parse('v5p:4x4x8')
+    assert chip.name == 'v5p' and grid == (4, 4, 8)
+    assert tpu.parse('v6e:16x16')[0].hbm_bytes == 32 * tpu.GIB
+
+
+def test_missing_or_mismatched_libtpu_is_a_clear_error(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, 'version', missing)
+    with pytest.raises(tpu.TopologyError, match=r"libtpu, which is not installed: pip install -e '\.\[tpu\]'"):
+        tpu.check_libtpu()
+    monkeypatch.setattr(importlib.metadata, 'version', lambda name: '0.0.1')
+    monkeypatch.setattr(tpu, 'libtpu_requirement', lambda: 'libtpu==0.0.42.*')
+    with pytest.raises(tpu.TopologyError, match=r'libtpu 0\.0\.1 is installed but jax .* expects libtpu==0\.0\.42\.\*'):
+        tpu.check_libtpu()
+    monkeypatch.setattr(importlib.metadata, 'version', lambda name: '0.0.42.1')
+    assert tpu.check_libtpu() == '0.0.42.1'
+
+
+def test_the_roofline_estimate_by_hand():
+    chip = tpu.CHIPS['v5e']
+    result = {'xla_flops_per_device': 197e12 * 0.010, 'xla_bytes_accessed_per_device': 819e9 * 0.004,
+              'flops_per_step': 4 * 197e12 * 0.008, 'total_bytes': 17 * tpu.GIB}
+    e = tpu.estimate(result, chip, num_devices=4)
+    assert e['step_s'] == pytest.approx(0.010) and e['bound'] == 'compute'
+    assert e['mfu'] == pytest.approx(0.8) and not e['fits']
+    assert e['headroom_bytes'] == -tpu.GIB
+    assert 'DOES NOT FIT: over by 1.00 GiB' in tpu.describe(e, 'v5e:2x2', 1)
+
+
+def test_cli_flag_misuse_is_a_usage_error():
+    out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--workdir=unused',
+               '--dry_run_topology=v5e:2x2')
+    assert out.returncode != 0 and 'need --dry_run' in out.stderr
+    out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--dry_run',
+               '--dry_run_topology=v5e:2x2', '--dry_run_devices=4')
+    assert out.returncode != 0 and 'not both' in out.stderr
+    out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--dry_run',
+               '--dry_run_topology=tpu9:2x2')
+    assert out.returncode != 0 and "--dry_run_topology='tpu9:2x2'" in out.stderr
+
+
+# --- with libtpu: the TPU compiler itself -------------------------------------------------------
+
+def _tpu_report(c, topology='v5e:2x2', num_slices=1):
+    from pretrain import dry_run
+    setup = setup_lib.build(c, tpu.devices(topology, num_slices), families=model_zoo.FAMILIES,
+                            check_data=False)
+    return dry_run.report(setup, topology, num_slices, quiet=True)
+
+
+def _ssm(version, **ssm):
+    c = ssm_tiny.get_config()
+    c.model.update(d_model=32, n_layers=2, vocab_size=264)
+    c.model.ssm.update(version=version, d_state=8, chunk_size=8, headdim=16, **ssm)
+    c.data.seq_len = 32
+    c.train.global_batch_size = 8
+    return with_mesh(c, data=2, fsdp=2)
+
+
+def _var(stage: str):
+    from configs import var_tiny, var_tokenizer_tiny
+    c = (var_tiny if stage == 'var' else var_tokenizer_tiny).get_config()
+    c.train.global_batch_size = 8
+    return with_mesh(c, data=2, fsdp=2)
+
+
+FAMILY_CONFIGS = {
+    'transformer': lambda: with_mesh(tiny_config(), data=2, tensor=2),
+    'transformer_sequence': lambda: with_mesh(tiny_config(), fsdp=2, sequence=2),
+    'mamba1_sequential': lambda: _ssm(1, scan='sequential'),
+    'mamba1_associative': lambda: _ssm(1, scan='associative'),
+    'mamba1_chunked': lambda: _ssm(1, scan='chunked'),
+    'mamba2': lambda: _ssm(2),
+    'hybrid': lambda: _ssm(2, attn_every=2),
+    'var_tokenizer': lambda: _var('tokenizer'),
+    'var': lambda: _var('var'),
+}
+
+
+@pytest.mark.tpu
+@needs_libtpu
+@pytest.mark.parametrize('name', sorted(FAMILY_CONFIGS))
+def test_every_family_compiles_for_a_tpu_topology(name):
+    result = _tpu_report(FAMILY_CONFIGS[name]())
+    t = result['tpu']
+    assert t['chip'] == 'v5e' and t['fits'] and result['total_bytes'] > 0
+    assert result['xla_flops_per_device'] > 0 and 0 < t['mfu'] <= 1
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_tpu_memory_sees_remat_where_the_cpu_compiler_does_not():
+    def cfg(remat):
+        c = with_mesh(tiny_config(), data=4)
+        c.model.update(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=768, remat=remat)
+        c.data.seq_len = 512
+        c.train.global_batch_size = 16
+        return c
+
+    none, full = _tpu_report(cfg('none')), _tpu_report(cfg('full'))
+    assert full['temp_bytes'] < 0.7 * none['temp_bytes']
+    assert full['xla_flops_per_device'] > none['xla_flops_per_device']   # the recomputation
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_multislice_mesh_spreads_data_over_slices():
+    c = with_mesh(tiny_config(), fsdp=4)
+    c.mesh.dcn.update(data=2)
+    result = _tpu_report(c, 'v5e:2x2', num_slices=2)
+    assert result['mesh']['data'] == 2 and result['mesh']['fsdp'] == 4
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_the_cli_prints_the_fit_and_the_advisor_picks_the_fastest_fit(tmp_path):
+    tiny = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.n_layers=1',
+            '--config.data.seq_len=32', '--config.train.global_batch_size=16']
+    out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--dry_run',
+               '--dry_run_topology=v5e:2x2', *tiny)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'of 16 GiB HBM per chip: fits' in out.stdout and 'roofline estimate' in out.stdout
+    advice = tpu_fit.advise(tiny_config(), 'v5e:2x2', remats=('full', 'none'), grad_accums=(1, 2),
+                            exhaustive=True, say=lambda line: None)
+    assert len(advice['candidates']) == 4 and all(c['fits'] for c in advice['candidates'])
+    fastest = min(advice['candidates'], key=lambda c: c['dry_run']['tpu']['step_s'])
+    assert advice['best'] == fastest
+    first_fit = tpu_fit.advise(tiny_config(), 'v5e:2x2', remats=('none',), grad_accums=(1, 2),
+                               say=lambda line: None)
+    assert [(c['remat'], c['grad_accum']) for c in first_fit['candidates']] == [('none', 1)]

@@ -17,7 +17,6 @@ computed here (pretrain.study.transfer for the per-optimizer transfer criteria):
 - the noise floor: the median across-seed standard deviation of a (width, LR) cell.
 """
 
-import json
 import math
 import os
 from typing import Any

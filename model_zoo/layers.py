@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_zoo import attention
 from pretrain.mesh import constrain
 from pretrain.parametrization import ROLES
 REMAT_POLICIES = {
@@ -59,26 +60,32 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x_BLHK: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding on the last axis (pairs are (i, i + K/2))."""
-    half = x_BLHK.shape[-1] // 2
+    """Rotary position embedding on the last axis (pairs are (i, i + K/2)), in float32."""
+    B, L, H, K = x_BLHK.shape
+    half = K // 2
     freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_LK = positions_L[:, None].astype(jnp.float32) * freq_K[None, :]
-    sin, cos = jnp.sin(angle_LK)[None, :, None, :], jnp.cos(angle_LK)[None, :, None, :]
-    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BLHK.dtype)
+    cos_L1K, sin_LK = jnp.cos(angle_LK)[:, None, :], jnp.sin(angle_LK)
+    sin_L2K = jnp.stack([-sin_LK, sin_LK], axis=1)
+    # Halves as an axis of 2: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) is x cos + flip(x)
+    # sin with a signed sin, one elementwise fusion instead of split + concatenate.
+    x_BLH2K = x_BLHK.astype(jnp.float32).reshape(B, L, H, 2, half)
+    out_BLH2K = x_BLH2K * cos_L1K[None, :, None] + x_BLH2K[..., ::-1, :] * sin_L2K[None, :, None]
+    return out_BLH2K.reshape(B, L, H, K).astype(x_BLHK.dtype)
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with RoPE; softmax in float32."""
+    """Causal grouped-query self-attention with RoPE; softmax in float32. `impl` picks the
+    training kernel (model_zoo/attention.py); cached decoding always uses the dense one."""
 
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float,
                  logit_scale: float, init_std: float, param_dtype: str, rngs: nnx.Rngs,
-                 zero_query: bool = False):
+                 zero_query: bool = False, impl: str = 'xla', block_size: int = 512):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.rope_theta = rope_theta
         self.logit_scale = logit_scale   # set by the parametrization (1/sqrt(d) SP, ~1/d muP)
+        self.impl, self.block_size = impl, block_size
         init = normal(init_std)
         K = self.head_dim
         self.wq = param(rngs, zeros if zero_query else init, (d_model, n_heads, K),
@@ -99,30 +106,20 @@ class Attention(nnx.Module):
         v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
         return q_BLHK, k_BLGK, v_BLGK
 
-    def _scores(self, q_BLHK: jax.Array, k_BMGK: jax.Array) -> jax.Array:
-        """Scaled pre-softmax logits [B, G, R, L, M] (float32); R query heads share a kv head."""
-        B, L, H, K = q_BLHK.shape
-        G = self.n_kv_heads
-        q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
-        return jnp.einsum('blgrk,bmgk->bgrlm', q_BLGRK, k_BMGK.astype(q_BLHK.dtype),
-                          preferred_element_type=jnp.float32) * self.logit_scale
-
     def logits(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
-        """The pre-softmax attention logits (before the causal mask), for coordinate checks."""
+        """The pre-softmax attention logits [B, H, L, M] (before the causal mask), for
+        coordinate checks."""
         q_BLHK, k_BLGK, _ = self._qkv(x_BLD, positions_L)
-        return self._scores(q_BLHK, k_BLGK)
+        return attention.logits(q_BLHK, k_BLGK, self.logit_scale)
 
     def __call__(self, x_BLD: jax.Array, positions_L: jax.Array) -> jax.Array:
         dt = x_BLD.dtype
         q_BLHK, k_BLGK, v_BLGK = self._qkv(x_BLD, positions_L)
-        B, L, H, K = q_BLHK.shape
-        logits_BGRLM = self._scores(q_BLHK, k_BLGK)
-        causal_LM = positions_L[:, None] >= positions_L[None, :]
-        logits_BGRLM = jnp.where(causal_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
-        probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)
-        out_BLGRK = jnp.einsum('bgrlm,bmgk->blgrk', probs_BGRLM, v_BLGK)
-        out_BLHK = constrain(out_BLGRK.reshape(B, L, H, K),
-                             ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+        # Causal among the tokens of this call, whatever their absolute positions.
+        out_BLHK = attention.attend(q_BLHK, k_BLGK, v_BLGK, attention.causal_order(x_BLD.shape[1]),
+                                    impl=self.impl, scale=self.logit_scale,
+                                    block_size=self.block_size)
+        out_BLHK = constrain(out_BLHK, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
         return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
@@ -142,12 +139,8 @@ class Attention(nnx.Module):
         start = positions_L[0]
         k_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BLGK.astype(cache['k'].dtype), start, 1)
         v_BMGK = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BLGK.astype(cache['v'].dtype), start, 1)
-        B, L, H, K = q_BLHK.shape
-        logits_BGRLM = self._scores(q_BLHK, k_BMGK)
         visible_LM = jnp.arange(k_BMGK.shape[1])[None, :] <= positions_L[:, None]
-        logits_BGRLM = jnp.where(visible_LM, logits_BGRLM, jnp.finfo(jnp.float32).min)
-        probs_BGRLM = jax.nn.softmax(logits_BGRLM, axis=-1).astype(dt)
-        out_BLHK = jnp.einsum('bgrlm,bmgk->blgrk', probs_BGRLM, v_BMGK.astype(dt)).reshape(B, L, H, K)
+        out_BLHK = attention.dense(q_BLHK, k_BMGK, v_BMGK, visible_LM, self.logit_scale)
         out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
         return out_BLD, {'k': k_BMGK, 'v': v_BMGK}
 

@@ -16,6 +16,11 @@ from pretrain.parametrization import Parametrization
 ACT_BLD = ('act_batch', 'act_length', 'act_embed')
 
 
+def attention_impl(m) -> str:
+    """model.attention_impl; runs saved before the key existed used the dense kernel."""
+    return m.get('attention_impl', 'xla')
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + r * attn(norm(x)), then x + r * mlp(norm(x))."""
 
@@ -26,6 +31,7 @@ class Block(nnx.Module):
         self.attn = Attention(d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                               rope_theta=m.rope_theta, zero_query=parametrization.zero_query,
                               logit_scale=parametrization.attn_logit_scale(m.d_model // m.n_heads),
+                              impl=attention_impl(m), block_size=m.get('attention_block_size', 512),
                               **common)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=m.param_dtype, rngs=rngs)
         self.mlp = SwiGLU(d_model=m.d_model, d_ff=m.d_ff, **common)

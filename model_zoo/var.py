@@ -20,9 +20,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from model_zoo import var_tokenizer
+from model_zoo import attention, var_tokenizer
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import normal, param, zeros
+from model_zoo.transformer import attention_impl
 from pretrain import checkpoint as checkpoint_lib
 from pretrain import parametrization as parametrization_lib
 from pretrain import state as state_lib
@@ -77,12 +78,15 @@ class AdaLN(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head attention with an explicit mask and an optional key/value cache."""
+    """Multi-head attention under a block-causal order (model_zoo/attention.py) or over a
+    key/value cache; `impl` picks the teacher-forcing kernel, the cached path is dense."""
 
     def __init__(self, d: int, heads: int, logit_scale: float, init_std: float, param_dtype: str,
-                 rngs: nnx.Rngs, zero_query: bool = False):
+                 rngs: nnx.Rngs, zero_query: bool = False, impl: str = 'xla',
+                 block_size: int = 512):
         K = d // heads
         self.logit_scale = logit_scale
+        self.impl, self.block_size = impl, block_size
         init = normal(init_std)
         self.wq = param(rngs, zeros if zero_query else init, (d, heads, K),
                         ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
@@ -90,9 +94,11 @@ class SelfAttention(nnx.Module):
         self.wv = param(rngs, init, (d, heads, K), ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
         self.wo = param(rngs, init, (heads, K, d), ('heads', 'head_dim', 'embed'), 'hidden', param_dtype)
 
-    def __call__(self, x_BLD: jax.Array, mask_LM: jax.Array | None,
+    def __call__(self, x_BLD: jax.Array, order_L: np.ndarray | None,
                  cache: tuple[jax.Array, jax.Array] | None = None):
-        """Returns (output, (keys, values)); with a cache the new keys follow the cached ones."""
+        """Returns (output, (keys, values)). With `order_L` (the scale index of each token) key j
+        is visible to query i iff order[j] <= order[i]; with a cache (order None) the new keys
+        follow the cached ones and every key is visible."""
         dt = x_BLD.dtype
         act = ('act_batch', 'act_length', 'act_heads', 'act_head_dim')
         q_BLHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), act)
@@ -101,12 +107,12 @@ class SelfAttention(nnx.Module):
         if cache is not None:
             k_BMHK = jnp.concatenate([cache[0], k_BMHK], axis=1)
             v_BMHK = jnp.concatenate([cache[1], v_BMHK], axis=1)
-        logits_BHLM = jnp.einsum('blhk,bmhk->bhlm', q_BLHK, k_BMHK,
-                                 preferred_element_type=jnp.float32) * self.logit_scale
-        if mask_LM is not None:
-            logits_BHLM = jnp.where(mask_LM, logits_BHLM, jnp.finfo(jnp.float32).min)
-        probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
-        out_BLHK = constrain(jnp.einsum('bhlm,bmhk->blhk', probs_BHLM, v_BMHK), act)
+        if order_L is None:
+            out_BLHK = attention.dense(q_BLHK, k_BMHK, v_BMHK, None, self.logit_scale)
+        else:
+            out_BLHK = attention.attend(q_BLHK, k_BMHK, v_BMHK, order_L, impl=self.impl,
+                                        scale=self.logit_scale, block_size=self.block_size)
+        out_BLHK = constrain(out_BLHK, act)
         return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt)), (k_BMHK, v_BMHK)
 
 
@@ -135,16 +141,18 @@ class Block(nnx.Module):
         self.residual_mult = parametrization.residual_mult()
         self.ada = AdaLN(d, 6, m.init_std, pd, rngs)
         self.attn = SelfAttention(d, m.n_heads, parametrization.attn_logit_scale(d // m.n_heads),
-                                  m.init_std, pd, rngs, zero_query=parametrization.zero_query)
+                                  m.init_std, pd, rngs, zero_query=parametrization.zero_query,
+                                  impl=attention_impl(m),
+                                  block_size=m.get('attention_block_size', 512))
         self.mlp = MLP(d, int(round(m.var.mlp_ratio * d)), m.init_std, pd, rngs)
 
-    def __call__(self, x_BLD, cond_BD, mask_LM, cache=None):
+    def __call__(self, x_BLD, cond_BD, order_L, cache=None):
         # Gates are 1 + g, not VAR's near-zero g: a tiny model must learn in a few hundred steps.
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(cond_BD)[:, :, None], 6, 1)
         shift1, scale1, gate1, shift2, scale2, gate2 = (
             t[:, 0] for t in (shift1, scale1, gate1, shift2, scale2, gate2))
         r = self.residual_mult
-        h, kv = self.attn(layer_norm(x_BLD) * (1 + scale1) + shift1, mask_LM, cache)
+        h, kv = self.attn(layer_norm(x_BLD) * (1 + scale1) + shift1, order_L, cache)
         x_BLD = constrain(x_BLD + r * (1 + gate1) * h, ACT_BLD)
         h = self.mlp(layer_norm(x_BLD) * (1 + scale2) + shift2)
         return constrain(x_BLD + r * (1 + gate2) * h, ACT_BLD), kv
@@ -204,9 +212,9 @@ class VAR(nnx.Module):
         cond_BD = self.condition(labels_B)
         L = sum(p * p for p in self.patch_nums)
         x_BLD = self.embed(0, L, inputs_BlC, cond_BD)
-        mask_LM = jnp.asarray(block_causal_mask(self.patch_nums))
+        order_L = levels(self.patch_nums)   # block-causal: the mask of block_causal_mask
         for block in self.blocks:
-            x_BLD, _ = block(x_BLD, cond_BD, mask_LM)
+            x_BLD, _ = block(x_BLD, cond_BD, order_L)
         return self.logits(x_BLD, cond_BD)
 
     def scale_step(self, k: int, inputs_BlC: jax.Array | None, cond_BD: jax.Array,

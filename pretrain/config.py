@@ -16,6 +16,8 @@ from pretrain import branching, data, mesh, optim, parametrization, scaling_rule
 from pretrain.errors import ConfigError, check_choice
 
 NONFINITE_POLICIES = ('stop', 'skip')
+# Attention kernels (model_zoo/attention.py); 'splash' is a TPU kernel, interpreted elsewhere.
+ATTENTION_IMPLS = ('xla', 'dot_product', 'blockwise', 'splash')
 
 
 def core_config() -> ml_collections.ConfigDict:
@@ -38,6 +40,8 @@ def core_config() -> ml_collections.ConfigDict:
         param_dtype='float32',
         compute_dtype='float32',   # 'bfloat16' for mixed precision
         remat='none',              # 'none' | 'full' | 'dots'
+        attention_impl='xla',      # 'xla' | 'dot_product' | 'blockwise' | 'splash'
+        attention_block_size=512,  # blockwise/splash: queries and keys per block (capped at the length)
     )
     # A family's own keys (model.ssm, model.var, ...) are added by model_zoo.base_config().
 
@@ -172,6 +176,23 @@ def _positive(key: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f'{key}={value!r} must be an integer >= {minimum}')
 
 
+def _check_attention(cfg: ml_collections.ConfigDict, family: Any, axes: dict[str, int]) -> None:
+    m = cfg.model
+    check_choice('model.attention_impl', m.attention_impl, ATTENTION_IMPLS)
+    _positive('model.attention_block_size', m.attention_block_size)
+    block = m.attention_block_size
+    # A text model attends over data.seq_len tokens, each device over its sequence shard of
+    # queries; a block that does not tile the shard would waste a padded block per shard.
+    # (Other lengths, e.g. VAR's sum of squares, are padded by the kernel.)
+    if m.attention_impl == 'blockwise' and family.data == 'text':
+        local = cfg.data.seq_len // axes['sequence']
+        if block < local and local % block:
+            raise ConfigError(
+                f'model.attention_block_size={block} must divide the per-device sequence length '
+                f'data.seq_len / sequence = {cfg.data.seq_len} / {axes["sequence"]} = {local} '
+                '(or be at least that length)')
+
+
 def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
              num_granules: int = 1, process_count: int = 1,
              check_data: bool = True) -> dict[str, int]:
@@ -223,6 +244,7 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
     elif check_data and family.data == 'image':
         data.check_image_config(cfg.data.image)
 
+    _check_attention(cfg, family, axes)
     optim.validate(cfg.optim)
     # Every family has a width and a depth, and the parametrization divides by them: name the
     # model key here rather than parametrization.base_width (0 there means "this model").

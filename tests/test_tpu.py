@@ -168,3 +168,16 @@ def test_the_cli_prints_the_fit_and_the_advisor_picks_the_fastest_fit(tmp_path):
     first_fit = tpu_fit.advise(tiny_config(), 'v5e:2x2', remats=('none',), grad_accums=(1, 2),
                                say=lambda line: None)
     assert [(c['remat'], c['grad_accum']) for c in first_fit['candidates']] == [('none', 1)]
+
+
+@pytest.mark.tpu
+@needs_libtpu
+@pytest.mark.parametrize('family', ['transformer', 'var'])
+def test_splash_attention_compiles_to_the_tpu_kernel_forward_and_backward(family):
+    c = FAMILY_CONFIGS[family]()
+    c.model.attention_impl = 'splash'
+    setup = setup_lib.build(c, tpu.devices('v5e:2x2'), families=model_zoo.FAMILIES, check_data=False)
+    with setup.activate():
+        compiled = setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).compile()
+    # The Mosaic kernel itself (not Pallas's interpreter): one call forward, more for dq, dk/dv.
+    assert compiled.as_text().count('tpu_custom_call') >= 2

@@ -223,31 +223,39 @@ def lr_mults(optim_cfg, info, parametrization: Parametrization):
         info, is_leaf=_is_info)
 
 
-def decay_mode_and_rate(optim_cfg, parametrization: Parametrization) -> tuple[str, float]:
-    """(the mode applied, lambda in that mode's units), with 'auto' resolved."""
+def decay_mode_and_factor(optim_cfg, parametrization: Parametrization, peak=None):
+    """(the mode applied, the factor turning optim.weight_decay into lambda in that mode's
+    units), with 'auto' resolved. `peak` (a traced peak LR, or None for optim.lr) is the LR the
+    schedule peaks at; the factor is 1.0 or that peak, so per-parameter rates stay constants
+    (a zero rate is skipped at trace time)."""
     mode = parametrization.weight_decay_mode(optim_cfg.weight_decay_mode)
     if optim_cfg.weight_decay_mode == 'auto' and mode == 'independent':
         # Torch-style lambda -> the fraction coupled decay removes per step at the base width.
-        return mode, optim_cfg.lr * optim_cfg.weight_decay
-    return mode, optim_cfg.weight_decay
+        return mode, _peak(optim_cfg, peak)
+    return mode, 1.0
+
+
+def _peak(optim_cfg, peak):
+    return optim_cfg.lr if peak is None else peak
 
 
 def make_optimizer(optim_cfg, schedule: optax.Schedule, definition: ModelDef,
-                   parametrization: Parametrization) -> optax.GradientTransformation:
+                   parametrization: Parametrization, peak=None) -> optax.GradientTransformation:
     """The full chain for the model `definition` (its ParamInfo tree and shapes) under the
-    run's `parametrization`."""
+    run's `parametrization`. `peak`: the schedule's peak LR when it is a traced input of the
+    step (None: optim.lr); the chain's state does not depend on it."""
     info, shapes = definition.info, definition.shapes
-    mode, weight_decay = decay_mode_and_rate(optim_cfg, parametrization)
+    mode, factor = decay_mode_and_factor(optim_cfg, parametrization, peak)
     mults = lr_mults(optim_cfg, info, parametrization)
     decay = parametrization_lib.per_param(
-        info, lambda role, _: weight_decay * parametrization.wd_mult(role, mode))
+        info, lambda role, _: optim_cfg.weight_decay * parametrization.wd_mult(role, mode))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
     parts.append(update_rule(optim_cfg, info, shapes, parametrization))
     if mode == 'independent':
         # Decay follows the schedule's shape (eta_t / eta_peak) but not its size.
         parts += [scale_by_tree(mults), optax.scale_by_learning_rate(schedule),
                   add_decay(jax.tree.map(lambda r: -r, decay),
-                            lambda count: schedule(count) / optim_cfg.lr)]
+                            lambda count: factor * schedule(count) / _peak(optim_cfg, peak))]
     else:
         parts += [add_decay(decay), scale_by_tree(mults), optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)
@@ -258,17 +266,17 @@ def _group(role: str, in_block: bool) -> str:
 
 
 def applied_rates(optim_cfg, schedule: optax.Schedule, definition: ModelDef,
-                  parametrization: Parametrization):
+                  parametrization: Parametrization, peak=None):
     """step -> {'lr/<group>': applied LR, 'wd/<group>': fraction of p removed per step by decay}."""
     info = definition.info
-    mode, weight_decay = decay_mode_and_rate(optim_cfg, parametrization)
+    mode, factor = decay_mode_and_factor(optim_cfg, parametrization, peak)
     groups = {}
     roles = parametrization_lib.per_param(info, lambda r, b: (r, b))
     for (role, in_block), lr_mult in zip(
             jax.tree.leaves(roles, is_leaf=lambda x: isinstance(x, tuple)),
             jax.tree.leaves(lr_mults(optim_cfg, info, parametrization))):
-        groups[_group(role, in_block)] = (lr_mult,
-                                          weight_decay * parametrization.wd_mult(role, mode))
+        groups[_group(role, in_block)] = (
+            lr_mult, optim_cfg.weight_decay * parametrization.wd_mult(role, mode))
 
     def rates(step: jax.Array) -> dict[str, jax.Array]:
         eta = schedule(step)
@@ -276,7 +284,8 @@ def applied_rates(optim_cfg, schedule: optax.Schedule, definition: ModelDef,
         for name, (lr_mult, wd) in sorted(groups.items()):
             out[f'lr/{name}'] = eta * lr_mult
             coupled = mode != 'independent'
-            out[f'wd/{name}'] = eta * lr_mult * wd if coupled else wd * eta / optim_cfg.lr
+            out[f'wd/{name}'] = (eta * lr_mult * wd if coupled
+                                 else factor * wd * eta / _peak(optim_cfg, peak))
         return out
 
     return rates

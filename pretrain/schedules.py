@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pretrain.errors import ConfigError, check_choice
 from pretrain.registry import Registry
@@ -177,9 +178,22 @@ class ScheduleSpec:
         return cls(**d)
 
 
-def make_schedule(spec: ScheduleSpec) -> Callable[[jax.Array | int], jax.Array]:
-    """The float32 LR as a jit-traceable function of the 0-based optimizer step."""
+def peak_inputs(spec: ScheduleSpec) -> dict[str, np.float32]:
+    """The schedule's LR levels as float32 scalars computed in double on the host, exactly the
+    values that Python constants would take in the graph: passed to a jitted step as inputs,
+    runs that differ only in optim.lr share one compiled program, with bit-identical LRs."""
+    return {'peak': np.float32(spec.peak), 'floor': np.float32(spec.floor),
+            'span': np.float32(spec.peak - spec.floor)}
+
+
+def make_schedule(spec: ScheduleSpec,
+                  levels: Mapping[str, Any] | None = None) -> Callable[[jax.Array | int], jax.Array]:
+    """The float32 LR as a jit-traceable function of the 0-based optimizer step. `levels`
+    (peak_inputs, possibly traced) replaces the spec's peak and floor."""
     peak, floor = spec.peak, spec.floor
+    span = peak - floor
+    if levels is not None:
+        peak, floor, span = levels['peak'], levels['floor'], levels['span']
     warmup, total = spec.warmup_steps, spec.total_steps
     start = spec.decay_start
     shape = DECAY_SHAPES.get(SCHEDULES.get(spec.kind).decay_shape(spec))
@@ -192,12 +206,13 @@ def make_schedule(spec: ScheduleSpec) -> Callable[[jax.Array | int], jax.Array]:
             length = total - start
             if length > 0:
                 p = jnp.clip((t - start) / length, 0.0, 1.0)
-                lr = floor + (peak - floor) * shape(p)
+                lr = floor + span * shape(p)
             else:
                 # Warmup ends exactly at total_steps: nothing to decay through.
-                lr = jnp.where(t >= start, jnp.float32(floor), lr)
+                lr = jnp.where(t >= start, jnp.asarray(floor, jnp.float32), lr)
         if warmup > 0:
-            lr = jnp.where(t < warmup, peak * (t + 1.0) / warmup, lr)
+            # The ramp fraction first: the same float32 ops whether peak is a constant or an input.
+            lr = jnp.where(t < warmup, peak * ((t + 1.0) / warmup), lr)
         return lr.astype(jnp.float32)
 
     return schedule

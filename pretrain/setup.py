@@ -29,6 +29,45 @@ from pretrain.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted (state, batch) -> (state, metrics) step (donates state), called and lowered
+    like a jitted function; the schedule's LR levels go in as inputs (`levels`)."""
+
+    jitted: Any                         # jitted (state, batch, levels)
+    levels: dict[str, np.float32]       # schedules.peak_inputs of the run's schedule
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.levels)
+
+    def lower(self, state, batch) -> '_Lowered':
+        return _Lowered(self.jitted.lower(state, batch, self.levels), self.levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lowered:
+    lowered: Any
+    levels: dict[str, np.float32]
+
+    def compile(self) -> '_Compiled':
+        return _Compiled(self.lowered.compile(), self.levels)
+
+    def __getattr__(self, name):   # as_text, cost_analysis, ...
+        return getattr(self.lowered, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    compiled: Any
+    levels: dict[str, np.float32]
+
+    def __call__(self, state, batch):
+        return self.compiled(state, batch, self.levels)
+
+    def __getattr__(self, name):   # memory_analysis, cost_analysis, as_text, ...
+        return getattr(self.compiled, name)
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a run needs before its first batch; trace and run its steps inside `activate()`."""
 
@@ -45,7 +84,7 @@ class Setup:
     abstract_state: state_lib.TrainState
     state_shardings: state_lib.TrainState
     batch_sharding: NamedSharding
-    train_step: Any                     # jitted (state, batch) -> (state, metrics); donates state
+    train_step: TrainStep               # (state, batch) -> (state, metrics); donates state
     param_count: int
     tokens_per_step: int
     flops_per_step: float
@@ -129,6 +168,19 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     spec = schedules.spec_from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     schedule = schedules.make_schedule(spec)
+
+    def step_at_peak(state, batch, levels):
+        # The schedule's LR levels are inputs, not constants: runs that differ only in
+        # optim.lr (an LR sweep) share one compiled program and its persistent cache entry.
+        traced_schedule = schedules.make_schedule(spec, levels)
+        tx = optim.make_optimizer(cfg.optim, traced_schedule, definition, parametrization,
+                                  peak=levels['peak'])
+        rates = optim.applied_rates(cfg.optim, traced_schedule, definition, parametrization,
+                                    peak=levels['peak'])
+        step = step_lib.make_train_step(family.loss, definition, tx, traced_schedule,
+                                        cfg.train.grad_accum_steps, rates)
+        return step(state, batch)
+
     with mesh_lib.activate(mesh, rules):
         optimizer = optim.make_optimizer(cfg.optim, schedule, definition, parametrization)
         init = state_lib.init_fn(family.build, cfg, optimizer, parametrization, definition)
@@ -137,12 +189,11 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
         shardings = state_lib.state_shardings(definition, mesh, rules, abstract)
         batch_sharding = mesh_lib.named_sharding(mesh, batch_axes(family))
-        rates = optim.applied_rates(cfg.optim, schedule, definition, parametrization)
-        train_step = jax.jit(
-            step_lib.make_train_step(family.loss, definition, optimizer, schedule,
-                                     cfg.train.grad_accum_steps, rates),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-            donate_argnums=(0,))
+        replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        train_step = TrainStep(
+            jax.jit(step_at_peak, in_shardings=(shardings, batch_sharding, replicated),
+                    out_shardings=(shardings, None), donate_argnums=(0,)),
+            schedules.peak_inputs(spec))
     batch = cfg.train.global_batch_size
     return Setup(
         cfg=cfg, family=family, model_def=definition, parametrization=parametrization,

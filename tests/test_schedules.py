@@ -309,3 +309,17 @@ def test_branch_with_a_derived_warmup_says_which_warmup_to_give():
     child = spec_from_config(schedule_cfg(decay_steps=200), 1e-3, 1200)     # warmup 120
     with pytest.raises(ConfigError, match='schedule.warmup_steps=200'):
         branching.check({'schedule': parent.to_dict()}, 'runs/constant', 1000, child, 1200)
+
+
+@pytest.mark.parametrize('spec', [
+    ScheduleSpec('wsd', peak=3e-3, warmup_steps=7, total_steps=50, decay_steps=11,
+                 decay_shape='1-sqrt', min_lr_ratio=0.1),
+    ScheduleSpec('cosine', peak=0.0123, warmup_steps=5, total_steps=40, min_lr_ratio=0.05),
+    ScheduleSpec('linear', peak=1.7e-4, warmup_steps=0, total_steps=30),
+])
+def test_traced_lr_levels_give_the_constant_schedule_bit_for_bit(spec):
+    from pretrain.schedules import peak_inputs
+    steps = jnp.arange(spec.total_steps + 2)
+    constant = jax.jit(lambda t: make_schedule(spec)(t))(steps)
+    traced = jax.jit(lambda t, levels: make_schedule(spec, levels)(t))(steps, peak_inputs(spec))
+    np.testing.assert_array_equal(np.asarray(constant), np.asarray(traced))

@@ -23,7 +23,8 @@ from tests.helpers import leaves_by_path, tiny_config, with_mesh
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry points look the family registry up and hand it in; every other module of pretrain/ is
 # the trainer's core, below model_zoo.
-ENTRY_POINTS = ('pretrain/train.py', 'pretrain/sweep.py', 'pretrain/import_hf.py', 'pretrain/study/')
+ENTRY_POINTS = ('pretrain/train.py', 'pretrain/sweep.py', 'pretrain/import_hf.py', 'pretrain/tpu_fit.py',
+                'pretrain/study/')
 
 
 def _imports(path: str) -> set[str]:
@@ -79,6 +80,20 @@ def test_branch_from_format_is_checked_by_validate():
 def test_batch_sharding_follows_the_family_data_kind():
     assert setup_lib.batch_axes(model_zoo.FAMILIES.get('transformer')) == ('act_batch', 'act_length')
     assert setup_lib.batch_axes(model_zoo.FAMILIES.get('var_tokenizer')) == ('act_batch',)
+
+
+def test_runs_that_differ_only_in_lr_share_one_compiled_step():
+    def lowered(lr, mode):
+        c = tiny_config()
+        c.optim.update(lr=lr, weight_decay_mode=mode)
+        c.parametrization.name = 'mup'
+        setup = setup_lib.build(c, jax.devices()[:1], families=model_zoo.FAMILIES)
+        with setup.activate():
+            return setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).as_text()
+
+    for mode in ('auto', 'coupled'):   # auto under muP: decay scaled by the (traced) peak
+        assert lowered(3e-3, mode) == lowered(1.1e-2, mode)
+    assert lowered(3e-3, 'auto') != lowered(3e-3, 'coupled')
 
 
 def test_setup_hands_its_parametrization_to_the_optimizer():

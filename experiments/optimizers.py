@@ -73,9 +73,15 @@ def report(rows: list[dict[str, Any]], n_boot: int = 2000) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    from configs.sweeps import optimizers as sweep_file
+    planned = len(sweep_file.points())
+    status = ('complete' if result['runs'] >= planned else
+              'in progress: rerunning the sweep command resumes it, and every table below is '
+              'recomputed from what has finished; a verdict needs 2 seeds')
     lines = ['# Muon vs AdamW under µP (computed by experiments/optimizers.py)', '',
-             f'{result["runs"]} finished runs of `configs/sweeps/optimizers.py`. Held-out loss '
-             '(nats per byte) after equal tokens; intervals are 95%.', '',
+             f'{result["runs"]} of {planned} runs of `configs/sweeps/optimizers.py` finished '
+             f'({status}). Held-out loss (nats per byte) after equal tokens (1,000 steps of '
+             '1,024 tokens); intervals are 95%.', '',
              '## Head to head: each optimizer at its own best grid LR', '',
              '| steps | width | AdamW best LR | AdamW loss | Muon best LR | Muon loss | seeds | '
              'Muon - AdamW (95% interval) | Muon better? |', '|---|---|---|---|---|---|---|---|---|']

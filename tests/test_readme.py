@@ -187,6 +187,13 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
         'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
         expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),
+    # ---- Muon vs AdamW: the sweep listed, the verdicts computed from the committed results.
+    'python -m pretrain.sweep --sweep=configs/sweeps/optimizers.py '
+    '--workdir=docs/optimizers/sweep --parallel=1': Check(
+        'run', 'optimizers', flags=('--dry_run',), devices=1,
+        replace=(('docs/optimizers/sweep', 'runs/opt_sweep'),), output='144 runs'),
+    'python -m experiments.optimizers': Check(
+        'run', 'optimizers', flags=('--out=runs',), expect=('runs/optimizers.md', 'runs/optimizers.png')),
     # ---- one machine, two processes.
     'python -m launch.local --num_processes=2 --devices_per_process=4 --timeout_s=600 -- '
     'python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/mp': Check(
@@ -209,7 +216,7 @@ CHECKS: dict[str, Check] = {
 }
 
 SLOW_SCENARIOS = {'quickstart', 'quickstart_short', 'train', 'ssm', 'var', 'branching',
-                  'coord_check', 'sweep', 'launch_local', 'mutransfer'}
+                  'coord_check', 'sweep', 'launch_local', 'mutransfer', 'optimizers'}
 
 
 def readme_commands(text: str) -> list[str]:

@@ -97,6 +97,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
         '(`python -m pretrain.tpu_fit`) tries remat none -> dots -> full and 1 -> 16 micro-batches,',
         'stopping each policy at its first fit, and picks the fastest fit by the estimate.',
         '',
+        f'Status: {len(results)} of {len(CONFIGS) * len(TOPOLOGIES) + len(EXTRA_PAIRS)} '
+        '(config, slice) pairs done' + ('.' if len(results) >= len(CONFIGS) * len(TOPOLOGIES)
+                                        + len(EXTRA_PAIRS) else
+                                        '; in progress (each pair is saved as it finishes, and '
+                                        'rerunning the command resumes).'),
+        '',
         '| config | slice | mesh | remat, micro-batches | HBM per chip | est. step | est. MFU |',
         '|---|---|---|---|---|---|---|',
     ]

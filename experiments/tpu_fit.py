@@ -76,7 +76,7 @@ def _row(advice: dict[str, Any]) -> str:
         return f'| {config} | {topology} | - | - | - | - | {why} ({tried} tried) |'
     r = best['dry_run']
     t = r['tpu']
-    used = (t['hbm_bytes'] - t['headroom_bytes']) / tpu.GIB
+    used = r['total_bytes'] / tpu.GIB
     mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items() if v > 1)
     return (f'| {config} | {topology} | {mesh} | {best["remat"]}, accum {best["grad_accum"]} | '
             f'{used:.2f} / {t["hbm_bytes"] / tpu.GIB:.0f} GiB | {t["step_s"] * 1e3:.0f} ms '

@@ -51,12 +51,6 @@ def levels(patch_nums) -> np.ndarray:
     return np.concatenate([np.full(pn * pn, k, np.int32) for k, pn in enumerate(patch_nums)])
 
 
-def block_causal_mask(patch_nums) -> np.ndarray:
-    """[L, L] bool: query i may attend to key j iff level(j) <= level(i)."""
-    lv = levels(patch_nums)
-    return lv[:, None] >= lv[None, :]
-
-
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm without gain or bias (AdaLN supplies both), in float32."""
     x32 = x.astype(jnp.float32)
@@ -212,7 +206,7 @@ class VAR(nnx.Module):
         cond_BD = self.condition(labels_B)
         L = sum(p * p for p in self.patch_nums)
         x_BLD = self.embed(0, L, inputs_BlC, cond_BD)
-        order_L = levels(self.patch_nums)   # block-causal: the mask of block_causal_mask
+        order_L = levels(self.patch_nums)   # block-causal: key j visible to i iff level j <= level i
         for block in self.blocks:
             x_BLD, _ = block(x_BLD, cond_BD, order_L)
         return self.logits(x_BLD, cond_BD)

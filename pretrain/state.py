@@ -82,18 +82,17 @@ def state_shardings(definition: ModelDef, mesh: Mesh, rules: mesh_lib.Rules,
     it belongs to (see _opt_leaf_sharding); counters and other scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda i: mesh_lib.named_sharding(mesh, i.axes, rules), definition.info)
-    by_path = {}
-    for path, info in jax.tree_util.tree_flatten_with_path(definition.info)[0]:
-        by_path[tuple(k.key for k in path)] = info
-    shapes = {key: tuple(s.shape) for key, s in zip(
-        by_path, jax.tree.leaves(definition.shapes))}
+    # 'blocks', 0, 'attn', 'wq' -> (the parameter's logical axes, its shape)
+    by_path = {tuple(k.key for k in path): (info.axes, tuple(shape.shape))
+               for (path, info), shape in zip(jax.tree_util.tree_flatten_with_path(definition.info)[0],
+                                              jax.tree.leaves(definition.shapes))}
     opt_sh = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _opt_leaf_sharding(path, leaf, by_path, shapes, mesh, rules, replicated),
+        lambda path, leaf: _opt_leaf_sharding(path, leaf, by_path, mesh, rules, replicated),
         abstract_state.opt_state)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
-def _opt_leaf_sharding(path, leaf, by_path: dict, shapes: dict, mesh: Mesh, rules: mesh_lib.Rules,
+def _opt_leaf_sharding(path, leaf, by_path: dict, mesh: Mesh, rules: mesh_lib.Rules,
                        replicated: NamedSharding) -> NamedSharding:
     """An optimizer-state leaf sits under its parameter's own path at the end of its key path
     (Adam's mu['blocks'][0]['attn']['wq'], inside any chain or partition). A leaf of the
@@ -105,15 +104,14 @@ def _opt_leaf_sharding(path, leaf, by_path: dict, shapes: dict, mesh: Mesh, rule
             break
         keys.append(entry.key)
     key = tuple(reversed(keys))
-    info = by_path.get(key)
-    if info is None:
+    if key not in by_path:
         return replicated
-    shape, leaf_shape = shapes[key], tuple(leaf.shape)
+    (axes, shape), leaf_shape = by_path[key], tuple(leaf.shape)
     if leaf_shape == shape:
-        return mesh_lib.named_sharding(mesh, info.axes, rules)
+        return mesh_lib.named_sharding(mesh, axes, rules)
     for i in range(len(shape)):
         if shape[:i] + shape[i + 1:] == leaf_shape:
-            return mesh_lib.named_sharding(mesh, info.axes[:i] + info.axes[i + 1:], rules)
+            return mesh_lib.named_sharding(mesh, axes[:i] + axes[i + 1:], rules)
     return replicated
 
 

@@ -140,6 +140,7 @@ def estimate(result: dict[str, Any], chip: Chip, num_devices: int) -> dict[str, 
     return {
         'chip': chip.name, 'hbm_bytes': chip.hbm_bytes, 'peak_flops': chip.peak_flops,
         'hbm_bytes_per_s': chip.hbm_bytes_per_s,
+        'used_bytes': result['total_bytes'],
         'fits': result['total_bytes'] <= chip.hbm_bytes,
         'headroom_bytes': chip.hbm_bytes - result['total_bytes'],
         'compute_s': compute_s, 'hbm_s': memory_s, 'step_s': step_s,
@@ -149,7 +150,7 @@ def estimate(result: dict[str, Any], chip: Chip, num_devices: int) -> dict[str, 
 
 
 def describe(estimate_: dict[str, Any], topology: str, num_slices: int) -> str:
-    total = estimate_['hbm_bytes'] - estimate_['headroom_bytes']
+    total = estimate_['used_bytes']
     verdict = ('fits' if estimate_['fits']
                else f'DOES NOT FIT: over by {-estimate_["headroom_bytes"] / GIB:.2f} GiB')
     slices = f' x {num_slices} slices' if num_slices > 1 else ''

@@ -92,7 +92,7 @@ def _line(c: Candidate) -> str:
     if c.result is None:
         return head + c.error
     t = c.result['tpu']
-    total = (t['hbm_bytes'] - t['headroom_bytes']) / tpu.GIB
+    total = c.result['total_bytes'] / tpu.GIB
     return (head + f'{total:7.2f} GiB of {t["hbm_bytes"] / tpu.GIB:.0f} '
             f'{"fits" if t["fits"] else "over"}; estimate {t["step_s"] * 1e3:8.1f} ms/step, '
             f'MFU {100 * t["mfu"]:5.1f}% ({t["bound"]}-bound)')

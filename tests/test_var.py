@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_zoo import var, var_sample, var_tokenizer
+from model_zoo import attention, var, var_sample, var_tokenizer
 from pretrain.data import resize
 from pretrain import train
 from pretrain.errors import ConfigError
@@ -117,7 +117,8 @@ def test_scales_sum_to_the_reconstructed_feature(random_tokenizer):
 
 def test_block_causal_mask_structure():
     pns = (1, 2, 3)
-    mask = var.block_causal_mask(pns)
+    order = var.levels(pns)   # what VAR hands its attention: the mask is attention.visible's
+    mask = np.asarray(attention.visible(order, order))
     assert mask.shape == (14, 14)
     bounds = var.scale_bounds(pns)
     assert bounds == [(0, 1), (1, 5), (5, 14)]

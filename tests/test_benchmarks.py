@@ -17,6 +17,13 @@ def test_gpu_mfu_tiny_path(tmp_path):
         assert 0 < row['mfu'] and row['params'] > 0
         assert row['loss_first'] > 0 and row['loss_last'] > 0
     assert json.loads(out.read_text())['rows'][0]['impl'] == 'dot_product'
+    # The kernel check: each kernel against xla, two masks, two dtypes; all within tolerance.
+    checks = result['checks']
+    assert {(c['impl'], c['mask'], c['dtype']) for c in checks} == {
+        (i, m, d) for i in ('dot_product', 'blockwise') for m in ('causal', 'block_causal')
+        for d in ('float32', 'bfloat16')}
+    assert all(c['ok'] and set(c['relative_error']) == {'loss', 'dq', 'dk', 'dv'} for c in checks)
+    assert result['measured_matmul_flops'] > 0
 
 
 @pytest.mark.slow   # minutes of compiling on 2 cores; the kernels themselves: test_attention.py

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
+from pretrain import config as config_lib
 from pretrain import preemption, train
 from pretrain.errors import ConfigError
-from pretrain.study import executors, fit, laws, results, runner, sweep
+from pretrain.study import executors, fit, laws, results, reuse, runner, sweep
 from pretrain.study.sweep import Cooldowns, Run, Sweep, product, zipped
 
 BASE = '''
@@ -317,3 +318,45 @@ def test_a_warmup_given_as_a_fraction_is_pinned_to_the_parents_steps(base):
                               cooldowns=Cooldowns(budgets=[100, 200], fraction=0.2)))
     assert {(r.overrides['schedule.warmup_steps'], r.overrides['schedule.warmup_fraction'])
             for r in runs} == {(10, -1.0)}
+
+
+def test_reuse_adopts_finished_runs_of_another_sweep_with_the_same_config(base, tmp_path, capsys):
+    """--reuse_from: equal resolved configs are adopted (an option added to the code since,
+    holding its base value, does not count); any other difference trains anew."""
+    sweep_file = tmp_path / 'sweep_b.py'
+    sweep_file.write_text(textwrap.dedent(f'''
+        from pretrain.study.sweep import Sweep, product
+        def get_sweep():
+            return Sweep(base={base!r}, points=product({{'optim.lr': [1e-3, 3e-3, 1e-2]}}),
+                         fixed={{'model.n_heads': 2, 'model.n_kv_heads': 2}})
+    '''))
+    sw = sweep.load(str(sweep_file))
+    runs = {r.point['optim.lr']: r for r in sweep.expand(sw)}
+    other = tmp_path / 'other'
+
+    def finished(name, lr, edit):
+        cfg = config_lib.finalize(sweep.run_config(sw, runs[lr], str(other))).to_dict()
+        edit(cfg)
+        path = other / 'runs' / name
+        path.mkdir(parents=True)
+        results.write_json(str(path / 'result.json'), {
+            'name': name, 'status': 'done', 'final_loss': 2.5, 'config': cfg})
+        (path / 'metrics.jsonl').write_text('{"step": 1}\n')
+
+    finished('older_code', 1e-3, lambda c: c['optim'].pop('muon'))      # option added later
+    finished('other_width', 3e-3, lambda c: c['model'].update(d_ff=999))
+    finished('future_option', 1e-2, lambda c: c['model'].update(future_option=7))
+    workdir = str(tmp_path / 'b')
+    opts = runner.SweepOptions(str(sweep_file), workdir, dry_run=True, reuse_from=(str(other),))
+    assert runner.run_sweep(opts) == 0          # a dry run adopts nothing
+    assert not os.path.exists(os.path.join(workdir, 'runs'))
+    adopted = reuse.adopt(sw, list(runs.values()), workdir, [str(other)], say=lambda s: None)
+    assert adopted == [runs[1e-3].name]
+    row = results.read_result(sweep.run_dir(workdir, runs[1e-3].name))
+    assert row['name'] == runs[1e-3].name and row['final_loss'] == 2.5
+    assert row['point'] == {'optim.lr': 1e-3} and row['reused_from'].endswith('older_code')
+    assert os.path.exists(os.path.join(sweep.run_dir(workdir, runs[1e-3].name), 'metrics.jsonl'))
+    assert not results.is_done(sweep.run_dir(workdir, runs[3e-3].name))
+    # A folder that is not a sweep's workdir is named in the error.
+    with pytest.raises(ConfigError, match='nowhere'):
+        reuse.adopt(sw, list(runs.values()), workdir, [str(tmp_path / 'nowhere')])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pretrain.errors import ConfigError
 from pretrain.preemption import EXIT_PREEMPTED
-from pretrain.study import executors
+from pretrain.study import executors, reuse
 from pretrain.study import sweep as sweep_lib
 from pretrain.study.sweep import Run, Sweep
 
@@ -33,6 +33,7 @@ class SweepOptions:
     slurm_max_parallel: int = 8
     tpu_workers: Sequence[str] = ()
     tpu_zone: str = 'us-central2-b'
+    reuse_from: Sequence[str] = ()   # other sweep dirs whose equal finished runs are adopted
 
 
 def parse_shard(text: str) -> tuple[int, int] | None:
@@ -94,6 +95,9 @@ def run_sweep(options: SweepOptions) -> int:
             executors.collect(every, workdir)
             print(f'[sweep] {runs[0].name}: {outcome}', flush=True)
             return EXIT_PREEMPTED if outcome == 'preempted' else 0
+        if options.reuse_from:
+            reuse.adopt(sweep, runs, workdir, options.reuse_from)
+            executors.collect(every, workdir)
         todo = [r for r in runs if not executors.is_done(workdir, r.name)]
         if options.executor == 'slurm':
             files = executors.write_slurm(todo, workdir, options.sweep, options.slurm_max_parallel)

@@ -7,7 +7,9 @@ which of those is fastest by the roofline estimate.
 Each candidate is the trainer's real train step compiled ahead of time for the topology by the
 TPU compiler (pretrain/tpu.py; needs `pip install -e '.[tpu]'`). For each remat policy, from the
 cheapest in compute, the micro-batch counts are tried from the fewest up and the first that fits
-ends that policy's search (more micro-batches only add time); --all compiles every combination.
+ends that policy's search (more micro-batches only add time); a policy with more recompute is
+tried only with fewer micro-batches than a cheaper policy already fits with (with as many it
+only adds work); --all compiles every combination.
 The estimate is a roofline (compute vs HBM traffic, no collectives): it ranks candidates, it does
 not measure them. Nothing is written except --out.
 """
@@ -74,12 +76,16 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
         if remat not in REMAT_ORDER:
             raise ConfigError(f'--remat: {remat!r} is not one of {list(REMAT_ORDER)}')
     candidates = []
+    fewest = None   # the fewest micro-batches with which a cheaper policy fits
     for remat in sorted(remats, key=REMAT_ORDER.index):
         for grad_accum in sorted(grad_accums):
+            if not exhaustive and fewest is not None and grad_accum >= fewest:
+                break   # more recompute at no fewer micro-batches: not faster
             candidate = _compile(config, devices, remat, grad_accum, families)
             candidates.append(candidate)
             say(_line(candidate))
             if candidate.fits and not exhaustive:
+                fewest = grad_accum if fewest is None else min(fewest, grad_accum)
                 break
     fitting = [c for c in candidates if c.fits]
     best = min(fitting, key=lambda c: c.result['tpu']['step_s'], default=None)

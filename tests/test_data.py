@@ -250,6 +250,21 @@ def test_process_shards_concatenate_to_the_global_batch_across_epochs(tiny_cfg):
     assert epochs[0] != list(range(n))
 
 
+def test_batch_of_one_per_process_reads_the_batch_of_two(tiny_cfg):
+    """A local batch of 1 (long-context runs) works, on one process or as half of two."""
+    kwargs = dict(num_eval_batches=0, seed=5)
+    one = take(make_text_pipeline(tiny_cfg, global_batch_size=1, **kwargs).train_iterator(), 4)
+    assert [b['inputs'].shape for b in one] == [(1, 16)] * 4
+    whole = take(make_text_pipeline(tiny_cfg, global_batch_size=2, **kwargs).train_iterator(), 3)
+    halves = [take(make_text_pipeline(tiny_cfg, global_batch_size=2, process_index=p,
+                                      process_count=2, **kwargs).train_iterator(), 3)
+              for p in range(2)]
+    for step in range(3):
+        np.testing.assert_array_equal(
+            np.concatenate([halves[0][step]['inputs'], halves[1][step]['inputs']]),
+            whole[step]['inputs'])
+
+
 def test_resume_from_state(tiny_cfg):
     make = lambda: make_text_pipeline(tiny_cfg, global_batch_size=8, num_eval_batches=0, seed=1)
     it = make().train_iterator()

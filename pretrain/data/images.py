@@ -17,6 +17,7 @@ import grain
 import numpy as np
 
 from pretrain.data import resize
+from pretrain.data.text import shuffled_epochs
 from pretrain.errors import ConfigError, check_choice
 from pretrain.registry import Registry
 
@@ -155,9 +156,8 @@ class ImagePipeline:
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Infinite shuffled batches; get_state()/set_state() resume exactly."""
-        # shuffle() before repeat(): a fresh permutation every epoch (see text.py). The uniform
-        # draw is per example position, so it does not depend on the process count.
-        ds = grain.MapDataset.source(self.train).seed(self.seed).shuffle().repeat()
+        # The uniform draw is per example position, so it does not depend on the process count.
+        ds = shuffled_epochs(self.train, self.seed)
         ds = ds.random_map(_with_u)
         ds = ds.batch(self.local_batch_size)[self.process_index::self.process_count]
         if self.transform is not None:

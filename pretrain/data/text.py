@@ -89,6 +89,19 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def shuffled_epochs(source: Any, seed: int) -> grain.MapDataset:
+    """`source` repeated without end in practice, each epoch a fresh permutation."""
+    # shuffle() BEFORE repeat(): in grain 0.2.18 repeat forwards indices past the first epoch
+    # to the shuffle, which reseeds with (seed + epoch), so every epoch is a fresh permutation
+    # of all examples. repeat().shuffle() would instead shuffle one infinite index range and
+    # not give per-epoch permutations. The per-dataset seed is derived by grain from .seed(),
+    # so seeds s and s + 1 do not share shifted epochs. The epoch count is finite (~1e12
+    # examples, never reached): grain's infinite length, sys.maxsize, overflows len() of a
+    # batched slice when the local batch is 1.
+    epochs = max(1, 2 ** 40 // len(source))
+    return grain.MapDataset.source(source).seed(seed).shuffle().repeat(epochs)
+
+
 class TextPipeline:
     """Train and eval batches of one process: {'inputs', 'targets'}: int32[local_batch, L]."""
 
@@ -108,12 +121,7 @@ class TextPipeline:
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Infinite shuffled batches; get_state()/set_state() resume exactly."""
-        # shuffle() BEFORE repeat(): in grain 0.2.18 repeat forwards indices past the first
-        # epoch to the shuffle, which reseeds with (seed + epoch), so every epoch is a fresh
-        # permutation of all windows. repeat().shuffle() would instead shuffle one infinite
-        # index range and not give per-epoch permutations. The per-dataset seed is derived
-        # by grain from .seed(), so seeds s and s + 1 do not share shifted epochs.
-        ds = grain.MapDataset.source(self.train_windows).seed(self.seed).shuffle().repeat()
+        ds = shuffled_epochs(self.train_windows, self.seed)
         # Batch element k holds shuffled rows [k*B_local, (k+1)*B_local); global batch b is
         # batch elements [b*P, (b+1)*P), and this process takes the p-th of them.
         ds = ds.batch(self.local_batch_size)[self.process_index::self.process_count]

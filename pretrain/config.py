@@ -6,6 +6,7 @@ use exists there, so the dict is locked and a typo is an error. `validate` check
 config against the device count and the configured family before any compute.
 """
 
+import importlib.util
 import json
 import math
 from typing import Any
@@ -16,6 +17,7 @@ from pretrain import branching, data, mesh, optim, parametrization, scaling_rule
 from pretrain.errors import ConfigError, check_choice
 
 NONFINITE_POLICIES = ('stop', 'skip')
+WANDB_MODES = ('offline', 'online', 'disabled')
 # Attention kernels (model_zoo/attention.py); 'splash' is a TPU kernel, interpreted elsewhere.
 ATTENTION_IMPLS = ('xla', 'dot_product', 'blockwise', 'splash')
 
@@ -48,8 +50,8 @@ def core_config() -> ml_collections.ConfigDict:
     c.data = dict(
         source='stdlib',           # 'stdlib' | 'text_files' | 'tfds'
         seq_len=128,
-        tokenizer='bytes',         # 'bytes' | 'sentencepiece'
-        tokenizer_path='',         # SentencePiece .model file
+        tokenizer='bytes',         # 'bytes' | 'sentencepiece' | 'hf'
+        tokenizer_path='',         # SentencePiece .model file, or an HF tokenizer.json
         text_dir='',               # folder of text files (source='text_files')
         tfds_name='',              # registered TFDS builder name (source='tfds')
         tfds_data_dir='',
@@ -147,6 +149,8 @@ def core_config() -> ml_collections.ConfigDict:
     c.metrics = dict(
         peak_flops_per_device=0.0,  # 0 = look up the accelerator, or measure a matmul on CPU
         tensorboard=True,
+        wandb_project='',          # Weights & Biases project; '' = off (wandb not imported)
+        wandb_mode='offline',      # 'offline' (files under the workdir) | 'online' | 'disabled'
     )
     c.lock()  # changing values is fine; adding a key (a typo) is an error
     return c
@@ -191,6 +195,15 @@ def _check_attention(cfg: ml_collections.ConfigDict, family: Any, axes: dict[str
                 f'model.attention_block_size={block} must divide the per-device sequence length '
                 f'data.seq_len / sequence = {cfg.data.seq_len} / {axes["sequence"]} = {local} '
                 '(or be at least that length)')
+
+
+def _check_wandb(metrics_cfg: ml_collections.ConfigDict) -> None:
+    project = metrics_cfg.wandb_project
+    check_choice('metrics.wandb_mode', metrics_cfg.wandb_mode, WANDB_MODES)
+    # Looked up, not imported: only the process that logs imports it, when the run starts.
+    if project and importlib.util.find_spec('wandb') is None:
+        raise ConfigError(f'metrics.wandb_project={project!r} needs the wandb package: '
+                          "pip install -e '.[wandb]' (or set metrics.wandb_project='' for off)")
 
 
 def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
@@ -270,6 +283,7 @@ def validate(cfg: ml_collections.ConfigDict, family: Any, *, num_devices: int,
     if cfg.metrics.peak_flops_per_device < 0:
         raise ConfigError(f'metrics.peak_flops_per_device={cfg.metrics.peak_flops_per_device} '
                           'must be >= 0 (0 = automatic)')
+    _check_wandb(cfg.metrics)
     family.validate(cfg, axes)
     if check_data and family.check_data is not None:   # after the shapes: it may read files
         family.check_data(cfg)

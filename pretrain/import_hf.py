@@ -4,6 +4,10 @@
         --workdir=runs/continued
     python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/continued
 
+A mamba run imports a MambaForCausalLM / Mamba2ForCausalLM folder the same way
+(pretrain/hf_mamba.py); the layout follows the run config's model.family and must match the HF
+config's model_type.
+
 The HF config must match the run config (shapes, heads, theta, eps, tying). The trainer's own
 setup builds a fresh state (optimizer moments fresh, step 0) onto the configured mesh; each
 parameter is read lazily from the safetensors files, converted and placed onto its sharding one
@@ -13,7 +17,7 @@ names the source ({'source': 'hf', 'path': ...}).
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +28,7 @@ from ml_collections import config_flags
 
 from model_zoo import FAMILIES
 from pretrain import checkpoint as checkpoint_lib
-from pretrain import cli_errors, hf_llama, logs
+from pretrain import cli_errors, hf_llama, hf_mamba, logs
 from pretrain import config as config_lib
 from pretrain import data as data_lib
 from pretrain import setup as setup_lib
@@ -69,6 +73,24 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def _layout(hf_config: dict[str, Any], cfg: ml_collections.ConfigDict, shapes: Any) -> tuple[
+        Callable[[tuple[str, ...]], str],
+        Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]], np.ndarray]]:
+    """(our parameter path -> the name of the HF tensor holding it, (path, that tensor, shape)
+    -> our parameter) for the run's family, after the HF config is checked against `cfg`.
+
+    Dispatches on the run's model.family; each layout checks the HF model_type/architectures.
+    """
+    if cfg.model.family == 'mamba':
+        hf_mamba.check_hf_config(hf_config, cfg)
+        flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+        layout = hf_mamba.Layout(cfg, {_keys(path): shape.shape for path, shape in flat})
+        return layout.hf_name, layout.from_hf
+    hf_llama.check_hf_config(hf_config, cfg)
+    folds = hf_llama.folds(cfg)
+    return hf_llama.hf_name, lambda path, hf, shape: hf_llama.from_hf(path, hf, shape, folds)
+
+
 def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str,
               devices: Sequence[jax.Device] | None = None, *,
               families: Registry = FAMILIES) -> dict[str, Any]:
@@ -81,8 +103,7 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str,
     setup = setup_lib.build(config, devices, families=families)
     cfg = setup.cfg
     hf_config = read_hf_config(hf_dir)
-    hf_llama.check_hf_config(hf_config, cfg)
-    folds = hf_llama.folds(cfg)
+    hf_name, from_hf = _layout(hf_config, cfg, setup.model_def.shapes)
     checkpoint_dir = os.path.join(workdir, 'checkpoints')
     if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
         raise ConfigError(f'--workdir={workdir} already has checkpoints; import into a new workdir')
@@ -91,13 +112,13 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str,
     flat_shapes = jax.tree_util.tree_flatten_with_path(setup.model_def.shapes)[0]
     # Every tensor is checked before the state is built or anything is written.
     for path, shape in flat_shapes:
-        name = hf_llama.hf_name(_keys(path))
+        name = hf_name(_keys(path))
         if name not in tensors:
             raise ConfigError(f'the HF checkpoint has no tensor {name!r}')
 
     def load(path, shape, sharding):
         keys = _keys(path)
-        value = hf_llama.from_hf(keys, tensors.get(hf_llama.hf_name(keys)), shape.shape, folds)
+        value = from_hf(keys, tensors.get(hf_name(keys)), shape.shape)
         if value.dtype != shape.dtype:
             value = value.astype(shape.dtype)
         # Each device (of any process) takes its own slice of the host copy.

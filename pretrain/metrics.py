@@ -1,4 +1,5 @@
-"""Throughput and the metrics writer (JSONL, TensorBoard, the console line and progress bar).
+"""Throughput and the metrics writer (JSONL, TensorBoard, optional Weights & Biases, the console
+line and progress bar).
 
 Peak FLOP/s and MFU live in pretrain/peak_flops.py.
 
@@ -6,6 +7,7 @@ The JSONL file is the durable record of a run: one JSON object per `write`, flus
 line. TensorBoard and the progress line are conveniences on top of it.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -279,21 +281,48 @@ def _drop_torn_tail(path: str) -> None:
             f.write(b'\n')
 
 
+def wandb_run_id(workdir: str) -> str:
+    """The W&B run id of `workdir`: the same for every attempt (a resume continues that run)."""
+    digest = hashlib.sha256(os.path.abspath(workdir).encode('utf-8')).hexdigest()
+    return f'pretrain-{digest[:16]}'
+
+
+def _start_wandb(workdir: str, project: str, mode: str, run_config: Mapping[str, Any] | None):
+    import wandb  # imported here: only a run with metrics.wandb_project set needs it
+
+    return wandb.init(
+        project=project, dir=workdir, mode=mode, config=dict(run_config or {}),
+        id=wandb_run_id(workdir), name=os.path.basename(os.path.abspath(workdir)),
+        resume='allow',
+        # The trainer owns the console (its progress line redraws stderr): W&B must not wrap it.
+        settings=wandb.Settings(console='off'))
+
+
 class MetricsWriter:
-    """Writes metrics to <workdir>/metrics.jsonl, TensorBoard (<workdir>/tb) and the console.
+    """Writes metrics to <workdir>/metrics.jsonl, TensorBoard (<workdir>/tb) and the console,
+    and to Weights & Biases when `wandb_project` is set.
 
     With active=False (every process but 0 in a multi-host run) every method does nothing and
     no file is created. `stream` is where the console lines go (stderr by default): when it is
     a TTY the train metrics redraw one progress-bar line, otherwise each is a plain line. The
-    console shows a few metrics (`format_metrics`); the files get every one.
+    console shows a few metrics (`format_metrics`); the files get every one. W&B gets every row
+    of metrics.jsonl at the same step, as '<split>/<name>' (TensorBoard's names).
     """
 
     def __init__(self, workdir: str, *, active: bool = True, total_steps: int = 0,
                  tensorboard: bool = True, stream: TextIO | None = None,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, wandb_project: str = '',
+                 wandb_mode: str = 'offline',
+                 run_config: Mapping[str, Any] | None = None) -> None:
         """resume_step: the step the run (re)starts from (0 for a fresh start). The records of
         later steps, left by an earlier attempt that was killed, are dropped from metrics.jsonl
         and hidden in TensorBoard, so each step is logged once. None appends to what is there.
+
+        wandb_project: '' (off: wandb is not imported) or the W&B project; the run is
+        `wandb_run_id(workdir)` under <workdir>/wandb, resumed when it exists, in `wandb_mode`,
+        with `run_config` as its config. W&B keeps the rows an earlier attempt logged past
+        resume_step (it refuses steps below its last one), so after a restart its history
+        continues from the killed attempt's last logged step; metrics.jsonl is the exact record.
         """
         self.active = active
         self.total_steps = total_steps
@@ -304,6 +333,7 @@ class MetricsWriter:
         self._first: tuple[int, float] | None = None   # (step, time) of the first train write
         self._file = None
         self._tb = None
+        self._wandb = None
         self._closed = False
         if not active:
             return
@@ -325,6 +355,8 @@ class MetricsWriter:
             suffix = f'.{os.getpid()}.{next(_WRITER_COUNT)}'
             self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tb'), flush_secs=10,
                                      purge_step=purge, filename_suffix=suffix)
+        if wandb_project:
+            self._wandb = _start_wandb(workdir, wandb_project, wandb_mode, run_config)
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = 'train') -> None:
         """Record `metrics` at `step` under `split` ('train', 'eval', ...)."""
@@ -342,6 +374,8 @@ class MetricsWriter:
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(f'{split}/{name}', float(v), int(step))
+        if self._wandb is not None:
+            self._wandb.log({f'{split}/{name}': v for name, v in values.items()}, step=int(step))
         self._show(int(step), values, split)
 
     def text(self, msg: str) -> None:
@@ -416,6 +450,8 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> 'MetricsWriter':
         return self

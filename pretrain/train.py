@@ -109,7 +109,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         writer = metrics_lib.MetricsWriter(workdir, active=jax.process_index() == 0,
                                            total_steps=cfg.train.steps,
                                            tensorboard=cfg.metrics.tensorboard,
-                                           resume_step=started.step)
+                                           resume_step=started.step,
+                                           wandb_project=cfg.metrics.wandb_project,
+                                           wandb_mode=cfg.metrics.wandb_mode,
+                                           run_config=cfg.to_dict())
         if started.note:
             writer.text(started.note)
         byte_lengths = (None if pipeline.tokenizer is None   # bits/byte only for text

@@ -9,8 +9,15 @@ labels are dropped to the unconditional index with probability cond_dropout (for
 The frozen tokenizer lives in the data pipeline (`pipeline_options`): it turns each batch of images into
 {'codes': i32[B, L], 'inputs': f32[B, L - pn_1^2, Cvae], 'labels', 'u'}, so the trained model
 holds only its own parameters.
+
+model.var.arch='published' is the block of Tian et al. 2024 (it holds the released weights,
+see pretrain/var_official.py): q and v biases (no k bias) and an output-projection bias;
+q and k L2-normalised per head, q multiplied by a learned per-head scale exp(min(s, ln 100))
+in place of 1/sqrt(d_head); AdaLN gates g rather than 1 + g; a bias on the logits head.
+'simple' (the default) keeps the gates at 1 + g and plain scaled dot-product attention.
 """
 
+import math
 import os
 
 import jax
@@ -34,7 +41,13 @@ from pretrain.parametrization import Parametrization
 ACT_BLD = ('act_batch', 'act_length', 'act_embed')
 # Keys of model.var that must equal the stage-1 tokenizer's.
 TOKENIZER_KEYS = ('patch_nums', 'codebook_size', 'latent_channels', 'base_channels',
-                  'channel_mult', 'n_phi', 'phi_ratio')
+                  'channel_mult', 'n_phi', 'phi_ratio', 'phi_rule', 'tokenizer_arch')
+# What a stage-1 record written before a key existed meant by it.
+TOKENIZER_KEY_DEFAULTS = {'phi_rule': 'simple', 'tokenizer_arch': 'simple'}
+ARCHS = ('simple', 'published')
+# The published attention's cap on the log of its per-head logit scale (a scale of at most 100).
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+INITIAL_LOGIT_SCALE = 4.0
 
 
 def scale_bounds(patch_nums) -> list[tuple[int, int]]:
@@ -77,10 +90,18 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, d: int, heads: int, logit_scale: float, init_std: float, param_dtype: str,
                  rngs: nnx.Rngs, zero_query: bool = False, impl: str = 'xla',
-                 block_size: int = 512):
+                 block_size: int = 512, published: bool = False):
         K = d // heads
         self.logit_scale = logit_scale
         self.impl, self.block_size = impl, block_size
+        self.published = published
+        if published:
+            self.q_bias = param(rngs, zeros, (heads, K), ('heads', 'head_dim'), 'vector', param_dtype)
+            self.v_bias = param(rngs, zeros, (heads, K), ('heads', 'head_dim'), 'vector', param_dtype)
+            self.out_bias = param(rngs, zeros, (d,), ('norm',), 'vector', param_dtype)
+            self.log_logit_scale = param(
+                rngs, lambda key, shape, dtype: jnp.full(shape, math.log(INITIAL_LOGIT_SCALE), dtype),
+                (heads,), ('heads',), 'vector', param_dtype)
         init = normal(init_std)
         self.wq = param(rngs, zeros if zero_query else init, (d, heads, K),
                         ('embed', 'heads', 'head_dim'), 'hidden', param_dtype)
@@ -98,16 +119,41 @@ class SelfAttention(nnx.Module):
         q_BLHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), act)
         k_BMHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt)), act)
         v_BMHK = constrain(jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(dt)), act)
+        scale = self.logit_scale
+        if self.published:
+            q_BLHK, k_BMHK, v_BMHK = self.normalise(q_BLHK, k_BMHK, v_BMHK)
+            scale = 1.0   # the learned scale is already in q
         if cache is not None:
             k_BMHK = jnp.concatenate([cache[0], k_BMHK], axis=1)
             v_BMHK = jnp.concatenate([cache[1], v_BMHK], axis=1)
         if order_L is None:
-            out_BLHK = attention.dense(q_BLHK, k_BMHK, v_BMHK, None, self.logit_scale)
+            out_BLHK = attention.dense(q_BLHK, k_BMHK, v_BMHK, None, scale)
         else:
             out_BLHK = attention.attend(q_BLHK, k_BMHK, v_BMHK, order_L, impl=self.impl,
-                                        scale=self.logit_scale, block_size=self.block_size)
+                                        scale=scale, block_size=self.block_size)
         out_BLHK = constrain(out_BLHK, act)
-        return jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt)), (k_BMHK, v_BMHK)
+        out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHK, self.wo[...].astype(dt))
+        if self.published:
+            out_BLD = out_BLD + self.out_bias[...].astype(dt)
+        return out_BLD, (k_BMHK, v_BMHK)
+
+    def normalise(self, q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array):
+        """The published attention's q, k, v: biases on q and v, q and k of unit length per head
+        (in float32), q times its head's learned scale. Doing this before the kernel leaves every
+        kernel (and the cache, which holds the normalised keys) unchanged, at scale 1."""
+        dt = q_BLHK.dtype
+        q_BLHK = q_BLHK + self.q_bias[...].astype(dt)
+        v_BLHK = v_BLHK + self.v_bias[...].astype(dt)
+        scale_H = jnp.exp(jnp.minimum(self.log_logit_scale[...].astype(jnp.float32),
+                                      MAX_LOG_LOGIT_SCALE))
+        return ((l2_normalise(q_BLHK) * scale_H[:, None]).astype(dt),
+                l2_normalise(k_BLHK).astype(dt), v_BLHK)
+
+
+def l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis, in float32 (eps as in torch's F.normalize)."""
+    x32 = x.astype(jnp.float32)
+    return x32 / jnp.maximum(jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True)), eps)
 
 
 class MLP(nnx.Module):
@@ -133,23 +179,29 @@ class Block(nnx.Module):
     def __init__(self, m, parametrization: Parametrization, rngs: nnx.Rngs):
         d, pd = m.d_model, m.param_dtype
         self.residual_mult = parametrization.residual_mult()
+        self.published = m.var.get('arch', 'simple') == 'published'
         self.ada = AdaLN(d, 6, m.init_std, pd, rngs)
+        # The published attention learns its logit scale on unit-length q and k, so the
+        # parametrization's 1/sqrt(d_head) (or muP's 1/d_head) does not apply to it.
         self.attn = SelfAttention(d, m.n_heads, parametrization.attn_logit_scale(d // m.n_heads),
                                   m.init_std, pd, rngs, zero_query=parametrization.zero_query,
                                   impl=attention_impl(m),
-                                  block_size=m.get('attention_block_size', 512))
+                                  block_size=m.get('attention_block_size', 512),
+                                  published=self.published)
         self.mlp = MLP(d, int(round(m.var.mlp_ratio * d)), m.init_std, pd, rngs)
 
     def __call__(self, x_BLD, cond_BD, order_L, cache=None):
-        # Gates are 1 + g, not VAR's near-zero g: a tiny model must learn in a few hundred steps.
+        # 'simple' gates are 1 + g, not VAR's near-zero g: a tiny model must learn in a few
+        # hundred steps; 'published' keeps VAR's g so that its weights compute the same function.
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(cond_BD)[:, :, None], 6, 1)
         shift1, scale1, gate1, shift2, scale2, gate2 = (
             t[:, 0] for t in (shift1, scale1, gate1, shift2, scale2, gate2))
+        gate1, gate2 = (gate1, gate2) if self.published else (1 + gate1, 1 + gate2)
         r = self.residual_mult
         h, kv = self.attn(layer_norm(x_BLD) * (1 + scale1) + shift1, order_L, cache)
-        x_BLD = constrain(x_BLD + r * (1 + gate1) * h, ACT_BLD)
+        x_BLD = constrain(x_BLD + r * gate1 * h, ACT_BLD)
         h = self.mlp(layer_norm(x_BLD) * (1 + scale2) + shift2)
-        return constrain(x_BLD + r * (1 + gate2) * h, ACT_BLD), kv
+        return constrain(x_BLD + r * gate2 * h, ACT_BLD), kv
 
 
 class VAR(nnx.Module):
@@ -174,6 +226,9 @@ class VAR(nnx.Module):
         self.blocks = nnx.List([Block(m, parametrization, rngs) for _ in range(m.n_layers)])
         self.head_ada = AdaLN(d, 2, std, pd, rngs)
         self.head = param(rngs, normal(std), (d, v.codebook_size), ('embed', 'vocab'), 'readout', pd)
+        self.published = v.get('arch', 'simple') == 'published'
+        if self.published:
+            self.head_bias = param(rngs, zeros, (v.codebook_size,), ('vocab',), 'vector', pd)
 
     def embed(self, begin: int, end: int, inputs_BlC: jax.Array | None, cond_BD: jax.Array):
         """Token embeddings of positions [begin, end): start tokens at 0, word embedding after."""
@@ -198,8 +253,10 @@ class VAR(nnx.Module):
         shift, scale = jnp.split(self.head_ada(cond_BD)[:, :, None], 2, 1)
         h = layer_norm(x_BLD) * (1 + scale[:, 0]) + shift[:, 0]
         logits_BLV = jnp.einsum('bld,dv->blv', h, self.head[...].astype(h.dtype))
-        return constrain(logits_BLV.astype(jnp.float32) * self.readout_mult,
-                         ('act_batch', 'act_length', 'act_vocab'))
+        logits_BLV = logits_BLV.astype(jnp.float32) * self.readout_mult
+        if self.published:
+            logits_BLV = logits_BLV + self.head_bias[...].astype(jnp.float32)
+        return constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
 
     def __call__(self, inputs_BlC: jax.Array, labels_B: jax.Array) -> jax.Array:
         """Teacher forcing: every scale at once under the block-causal mask."""
@@ -271,9 +328,10 @@ def check_tokenizer(cfg) -> None:
         raise _tokenizer_error(cfg, f"step {step} is a {saved['model']['family']!r} run, not "
                                     'var_tokenizer')
     norm = lambda x: list(x) if isinstance(x, (list, tuple)) else x  # noqa: E731  (JSON lists)
-    diffs = [f'model.var.{k}: tokenizer {norm(saved["model"]["var"][k])!r} vs config '
+    saved_var = {**TOKENIZER_KEY_DEFAULTS, **saved['model']['var']}
+    diffs = [f'model.var.{k}: tokenizer {norm(saved_var[k])!r} vs config '
              f'{norm(cfg.model.var[k])!r}' for k in TOKENIZER_KEYS
-             if norm(saved['model']['var'][k]) != norm(cfg.model.var[k])]
+             if norm(saved_var[k]) != norm(cfg.model.var[k])]
     if saved['data']['image']['image_size'] != cfg.data.image.image_size:
         diffs.append(f"data.image.image_size: tokenizer {saved['data']['image']['image_size']} vs "
                      f'config {cfg.data.image.image_size}')
@@ -364,6 +422,7 @@ def validate(cfg, axes: dict[str, int]) -> None:
     """Shape and mesh checks (the stage-1 checkpoint is the family's check_data)."""
     m, v = cfg.model, cfg.model.var
     var_tokenizer.check_config(cfg, axes)
+    check_choice('model.var.arch', v.arch, ARCHS)
     check_choice('model.compute_dtype', m.compute_dtype, ('float32', 'bfloat16'))
     check_choice('model.param_dtype', m.param_dtype, ('float32', 'bfloat16'))
     for key in ('d_model', 'n_layers', 'n_heads'):

@@ -13,12 +13,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pretrain.data import resize
 from model_zoo.family import FAMILIES, Batch, Family
 from model_zoo.layers import RMSNorm, normal, param
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, check_choice
 
 IMAGE_CHANNELS = 3
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -123,9 +124,196 @@ class Decoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.norm_out(x)))
 
 
-def phi_index(k: int, n_scales: int, n_phi: int) -> int:
-    """Which shared phi conv scale k uses: scales spread evenly over the n_phi convs."""
-    return 0 if n_scales == 1 else round(k / (n_scales - 1) * (n_phi - 1))
+# ----------------------------------------------------------------------------- published layout
+# VAR's released VQ-VAE (Tian et al. 2024, a taming-style CNN): GroupNorm, two residual blocks
+# per level in the encoder and three in the decoder, single-head self-attention after every
+# block of the lowest-resolution level and between the two middle blocks, and 3x3 convs
+# between the encoder and the quantizer (quant_conv) and the quantizer and the decoder
+# (post_quant_conv). Module names mirror the reference's so that the converter
+# (pretrain/var_official.py) is a plain name table.
+
+GROUPS = 32               # GroupNorm groups of the published VQ-VAE
+PUBLISHED_RES_BLOCKS = 2  # per encoder level; the decoder has one more
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over the channel axis (channels last), learned gain and bias, in float32."""
+
+    def __init__(self, channels: int, param_dtype: str, rngs: nnx.Rngs, groups: int = GROUPS,
+                 eps: float = 1e-6):
+        self.groups, self.eps = groups, eps
+        self.scale = param(rngs, lambda key, s, d: jnp.ones(s, d), (channels,), (None,), 'vector',
+                           param_dtype)
+        self.bias = param(rngs, lambda key, s, d: jnp.zeros(s, d), (channels,), (None,), 'vector',
+                          param_dtype)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        B, H, W, C = x_BHWC.shape
+        x = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.groups, C // self.groups)
+        mu = jnp.mean(x, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean((x - mu) ** 2, axis=(1, 2, 4), keepdims=True)
+        y = ((x - mu) * jax.lax.rsqrt(var + self.eps)).reshape(B, H, W, C)
+        return (y * self.scale[...] + self.bias[...]).astype(x_BHWC.dtype)
+
+
+class GroupNormResBlock(nnx.Module):
+    """The published residual block: x + conv(silu(gn(conv(silu(gn(x)))))), 1x1 skip if needed."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, rngs: nnx.Rngs, param_dtype: str):
+        kw = dict(out_size=size, rngs=rngs, param_dtype=param_dtype)
+        self.norm1 = GroupNorm(c_in, param_dtype, rngs)
+        self.conv1 = Conv(c_in, c_out, role='hidden', **kw)
+        self.norm2 = GroupNorm(c_out, param_dtype, rngs)
+        self.conv2 = Conv(c_out, c_out, role='hidden', **kw)
+        self.skip = Conv(c_in, c_out, k=1, role='hidden', **kw) if c_in != c_out else None
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (x_BHWC if self.skip is None else self.skip(x_BHWC)) + h
+
+
+class SpatialAttention(nnx.Module):
+    """x + proj(attention over the h*w positions), one head of width C, 1x1 convs for q, k, v."""
+
+    def __init__(self, channels: int, size: int, rngs: nnx.Rngs, param_dtype: str):
+        kw = dict(out_size=size, rngs=rngs, param_dtype=param_dtype, k=1, role='hidden')
+        self.norm = GroupNorm(channels, param_dtype, rngs)
+        self.qkv = Conv(channels, 3 * channels, **kw)
+        self.proj = Conv(channels, channels, **kw)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        B, H, W, C = x_BHWC.shape
+        q_BNC, k_BNC, v_BNC = jnp.split(self.qkv(self.norm(x_BHWC)).reshape(B, H * W, 3 * C), 3, -1)
+        logits_BNM = jnp.einsum('bnc,bmc->bnm', q_BNC, k_BNC, precision=_HIGHEST) * C ** -0.5
+        probs_BNM = jax.nn.softmax(logits_BNM.astype(jnp.float32), axis=-1).astype(v_BNC.dtype)
+        h_BNC = jnp.einsum('bnm,bmc->bnc', probs_BNM, v_BNC, precision=_HIGHEST)
+        return x_BHWC + self.proj(h_BNC.reshape(B, H, W, C))
+
+
+class Level(nnx.Module):
+    """One resolution level: residual blocks, each followed by attention where `attention`,
+    then an optional resampling conv (stride-2 down, or nearest 2x up then conv)."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, size: int, attention: bool,
+                 resample: str | None, rngs: nnx.Rngs, param_dtype: str):
+        blocks, attns = [], []
+        for _ in range(n_blocks):
+            blocks.append(GroupNormResBlock(c_in, c_out, size, rngs, param_dtype))
+            c_in = c_out
+            if attention:
+                attns.append(SpatialAttention(c_out, size, rngs, param_dtype))
+        self.blocks, self.attns = nnx.List(blocks), nnx.List(attns)
+        self.up = resample == 'up'
+        out = size // 2 if resample == 'down' else size * 2
+        self.resample = None if resample is None else Conv(
+            c_out, c_out, stride=2 if resample == 'down' else 1, out_size=out, role='hidden',
+            rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        for i, block in enumerate(self.blocks):
+            x_BHWC = block(x_BHWC)
+            if len(self.attns):
+                x_BHWC = self.attns[i](x_BHWC)
+        if self.resample is None:
+            return x_BHWC
+        if self.up:
+            x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+        # A stride-2 'SAME' conv of an even size pads one zero row and column after the image,
+        # which is the reference's pad-(0, 1)-then-valid downsampling.
+        return self.resample(x_BHWC)
+
+
+class Middle(nnx.Module):
+    """block_1, attention, block_2 at the lowest resolution."""
+
+    def __init__(self, channels: int, size: int, rngs: nnx.Rngs, param_dtype: str):
+        self.block_1 = GroupNormResBlock(channels, channels, size, rngs, param_dtype)
+        self.attn_1 = SpatialAttention(channels, size, rngs, param_dtype)
+        self.block_2 = GroupNormResBlock(channels, channels, size, rngs, param_dtype)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        return self.block_2(self.attn_1(self.block_1(x_BHWC)))
+
+
+class PublishedEncoder(nnx.Module):
+    """Image [B, H, W, 3] -> quant_conv(encoder) [B, h, w, Cvae], the reference's layout."""
+
+    def __init__(self, v, image_size: int, rngs: nnx.Rngs, param_dtype: str):
+        widths, size, n = _widths(v), image_size, len(v.channel_mult)
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.conv_in = Conv(IMAGE_CHANNELS, widths[0], out_size=size, role='embedding', **kw)
+        levels = []
+        for i, w in enumerate(widths):
+            last = i == n - 1
+            levels.append(Level(widths[max(i - 1, 0)], w, PUBLISHED_RES_BLOCKS, size, last,
+                                None if last else 'down', **kw))
+            size = size if last else size // 2
+        self.levels = nnx.List(levels)
+        self.mid = Middle(widths[-1], size, **kw)
+        self.norm_out = GroupNorm(widths[-1], param_dtype, rngs)
+        self.conv_out = Conv(widths[-1], v.latent_channels, out_size=size, role='hidden', **kw)
+        self.quant_conv = Conv(v.latent_channels, v.latent_channels, out_size=size, role='hidden',
+                               **kw)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        x = self.conv_in(x_BHWC)
+        for level in self.levels:
+            x = level(x)
+        x = self.conv_out(jax.nn.silu(self.norm_out(self.mid(x))))
+        return self.quant_conv(x)
+
+
+class PublishedDecoder(nnx.Module):
+    """post_quant_conv, then the reference's decoder: feature [B, h, w, Cvae] -> image.
+
+    `levels[i]` is the reference's `up[i]` (i = 0 is the full resolution), so they run in
+    reverse order.
+    """
+
+    def __init__(self, v, image_size: int, rngs: nnx.Rngs, param_dtype: str):
+        widths, n = _widths(v), len(v.channel_mult)
+        size = image_size // 2 ** (n - 1)
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.post_quant_conv = Conv(v.latent_channels, v.latent_channels, out_size=size,
+                                    role='hidden', **kw)
+        self.conv_in = Conv(v.latent_channels, widths[-1], out_size=size, role='hidden', **kw)
+        self.mid = Middle(widths[-1], size, **kw)
+        levels, c_in = [None] * n, widths[-1]
+        for i in reversed(range(n)):
+            levels[i] = Level(c_in, widths[i], PUBLISHED_RES_BLOCKS + 1, size, i == n - 1,
+                              'up' if i else None, **kw)
+            c_in, size = widths[i], size * 2 if i else size
+        self.levels = nnx.List(levels)
+        self.norm_out = GroupNorm(widths[0], param_dtype, rngs)
+        self.conv_out = Conv(widths[0], IMAGE_CHANNELS, out_size=size, role='readout', **kw)
+
+    def __call__(self, f_BhwC: jax.Array) -> jax.Array:
+        x = self.mid(self.conv_in(self.post_quant_conv(f_BhwC)))
+        for level in reversed(self.levels):
+            x = level(x)
+        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+
+
+PHI_RULES = ('simple', 'published')
+TOKENIZER_ARCHS = ('simple', 'published')
+
+
+def phi_index(k: int, n_scales: int, n_phi: int, rule: str = 'simple') -> int:
+    """Which shared phi conv scale k uses.
+
+    'simple': the scales spread evenly over the convs, round(k / (S - 1) * (n_phi - 1)).
+    'published': VAR's rule, the conv whose tick in linspace(1/(3 n_phi), 1 - 1/(3 n_phi),
+    n_phi) is nearest to k / (S - 1). Computed in float64 the same way as the reference,
+    because some scales lie exactly half-way between two ticks and the rounding of the ticks
+    decides them (scale 7 of 10 with 4 convs: phi 3, where 'simple' gives phi 2).
+    """
+    if n_scales == 1:
+        return 0
+    if rule == 'simple':
+        return round(k / (n_scales - 1) * (n_phi - 1))
+    ticks = np.linspace(1 / 3 / n_phi, 1 - 1 / 3 / n_phi, n_phi)
+    return int(np.argmin(np.abs(ticks - k / (n_scales - 1))))
 
 
 class Quantizer(nnx.Module):
@@ -134,6 +322,7 @@ class Quantizer(nnx.Module):
     def __init__(self, v, latent_size: int, rngs: nnx.Rngs, param_dtype: str):
         self.patch_nums = tuple(int(p) for p in v.patch_nums)
         self.latent_size, self.beta, self.phi_ratio = latent_size, v.beta, v.phi_ratio
+        self.phi_rule = v.get('phi_rule', 'simple')
         C = v.latent_channels
         self.codebook = param(rngs, normal(1.0 / v.codebook_size), (v.codebook_size, C),
                               (None, None), 'embedding', param_dtype)
@@ -152,7 +341,7 @@ class Quantizer(nnx.Module):
         pn = self.patch_nums[k]
         e_BppC = jnp.take(self.codebook[...], idx_BN, axis=0).reshape(idx_BN.shape[0], pn, pn, -1)
         up_BhwC = resize.resize(e_BppC, self.latent_size, 'bicubic')
-        conv = self.phi[phi_index(k, len(self.patch_nums), len(self.phi))]
+        conv = self.phi[phi_index(k, len(self.patch_nums), len(self.phi), self.phi_rule)]
         return (1 - self.phi_ratio) * up_BhwC + self.phi_ratio * conv(up_BhwC)
 
     def __call__(self, f_BhwC: jax.Array):
@@ -182,9 +371,10 @@ class VQVAE(nnx.Module):
         pd = cfg.model.param_dtype
         self.latent_size = latent_size(cfg)
         self.dead_code_weight = v.dead_code_weight
-        self.encoder = Encoder(v, image_size, rngs, pd)
+        published = v.get('tokenizer_arch', 'simple') == 'published'
+        self.encoder = (PublishedEncoder if published else Encoder)(v, image_size, rngs, pd)
         self.quantizer = Quantizer(v, self.latent_size, rngs, pd)
-        self.decoder = Decoder(v, image_size, rngs, pd)
+        self.decoder = (PublishedDecoder if published else Decoder)(v, image_size, rngs, pd)
 
     def encode(self, images_BHWC: jax.Array) -> list[jax.Array]:
         """Per-scale code indices [B, pn_k^2] of images in [-1, 1]."""
@@ -283,6 +473,16 @@ def check_config(cfg, axes: dict[str, int]) -> None:
                          ('n_phi', 1), ('num_classes', 1)):
         if not isinstance(v[key], int) or v[key] < minimum:
             raise ConfigError(f'model.var.{key}={v[key]!r} must be an integer >= {minimum}')
+    check_choice('model.var.phi_rule', v.phi_rule, PHI_RULES)
+    check_choice('model.var.tokenizer_arch', v.tokenizer_arch, TOKENIZER_ARCHS)
+    if v.tokenizer_arch == 'published':
+        for width in sorted(set(_widths(v))):
+            if width % GROUPS:
+                raise ConfigError(
+                    f"model.var.tokenizer_arch='published': every width model.var.base_channels "
+                    f'x channel_mult must be a multiple of the {GROUPS} GroupNorm groups, '
+                    f'{width} (base_channels={v.base_channels}, channel_mult='
+                    f'{tuple(v.channel_mult)!r}) is not')
     if not 0.0 <= v.phi_ratio <= 1.0:
         raise ConfigError(f'model.var.phi_ratio={v.phi_ratio!r} must be in [0, 1]')
     if not 0.0 <= v.cond_dropout < 1.0:
@@ -327,6 +527,9 @@ def default_config() -> dict[str, dict]:
         num_classes=10,            # class labels; index num_classes is the unconditional one
         cond_dropout=0.1,          # class dropout for classifier-free guidance
         mlp_ratio=4.0,
+        arch='simple',             # stage-2 block: 'simple' or 'published' (VAR's, holds its weights)
+        phi_rule='simple',         # which phi conv a scale uses: 'simple' or 'published' (VAR's)
+        tokenizer_arch='simple',   # stage-1 CNN: 'simple' or 'published' (VAR's VQ-VAE layout)
     )}
 
 

@@ -54,11 +54,25 @@ def _path(out: str, config: str, topology: str) -> str:
     return os.path.join(out, 'tpu_fit', f'{config}@{topology}.json')
 
 
+def reestimate(advice: dict[str, Any]) -> dict[str, Any]:
+    """A saved advice with its roofline recomputed by today's `tpu.estimate` from the stored
+    compiler numbers (no recompilation), and the fastest fit chosen again."""
+    if not advice.get('candidates'):
+        return advice
+    chip = tpu.parse(advice['topology'])[0]
+    for c in advice['candidates']:
+        if 'dry_run' in c:
+            c['dry_run']['tpu'] = tpu.estimate(c['dry_run'], chip, advice['devices'])
+    fitting = [c for c in advice['candidates'] if c['fits'] and 'dry_run' in c]
+    advice['best'] = min(fitting, key=lambda c: c['dry_run']['tpu']['step_s'], default=None)
+    return advice
+
+
 def run_pair(out: str, config: str, topology: str) -> dict[str, Any]:
     path = _path(out, config, topology)
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            return reestimate(json.load(f))
     print(f'{config} on {topology}:', flush=True)
     try:
         advice = tpu_fit.advise(_config(config), topology, grad_accums=GRAD_ACCUM,
@@ -147,7 +161,7 @@ def main(argv) -> None:
         for topology in TOPOLOGIES + [t for c, t in EXTRA_PAIRS if c == config]:
             if os.path.exists(_path(_OUT.value, config, topology)):
                 with open(_path(_OUT.value, config, topology)) as f:
-                    saved.append(json.load(f))
+                    saved.append(reestimate(json.load(f)))
     with open(os.path.join(_OUT.value, 'tpu_fit.md'), 'w') as f:
         f.write(markdown(saved))
     print(f'wrote {os.path.join(_OUT.value, "tpu_fit.md")} ({len(saved)} results in {folder})')

@@ -213,6 +213,10 @@ CHECKS: dict[str, Check] = {
     'python -m experiments.wsd_vs_cosine': Check('module', 'static'),
     'python -m experiments.scaling_study': Check('module', 'static'),
     'python -m benchmarks.ssm_vs_attention': Check('module', 'static'),
+    # ---- needs the official VAR files, which nothing here downloads; the conversion itself
+    # is checked on files in the official layout by tests/test_var_official_interop.py.
+    'python -m pretrain.var_official --vae=VAE.pth --var=var_d16.pth --config=configs/var_d16.py '
+    '--workdir=runs/var_d16_official': Check('module', 'static'),
 }
 
 SLOW_SCENARIOS = {'quickstart', 'quickstart_short', 'train', 'ssm', 'var', 'branching',

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry points look the family registry up and hand it in; every other module of pretrain/ is
 # the trainer's core, below model_zoo.
 ENTRY_POINTS = ('pretrain/train.py', 'pretrain/sweep.py', 'pretrain/import_hf.py', 'pretrain/tpu_fit.py',
+                'pretrain/var_official.py',
                 'pretrain/study/')
 
 

@@ -10,6 +10,7 @@ is pulled towards its nearest encoder feature there, so it drifts back into use.
 """
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +45,20 @@ class Conv(nnx.Module):
         return y + self.bias[...]
 
 
-class ResBlock(nnx.Module):
-    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 projection when channels change."""
+def _rms_norm(channels: int, param_dtype: str, rngs: nnx.Rngs) -> nnx.Module:
+    return RMSNorm(channels, eps=1e-6, param_dtype=param_dtype, rngs=rngs)
 
-    def __init__(self, c_in: int, c_out: int, size: int, rngs: nnx.Rngs, param_dtype: str):
+
+class ResBlock(nnx.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 projection when channels change.
+    `norm(channels, param_dtype, rngs)`: RMSNorm here, GroupNorm in the published tokenizer."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, rngs: nnx.Rngs, param_dtype: str,
+                 norm: Callable[[int, str, nnx.Rngs], nnx.Module] = _rms_norm):
         kw = dict(out_size=size, rngs=rngs, param_dtype=param_dtype)
-        self.norm1 = RMSNorm(c_in, eps=1e-6, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = norm(c_in, param_dtype, rngs)
         self.conv1 = Conv(c_in, c_out, role='hidden', **kw)
-        self.norm2 = RMSNorm(c_out, eps=1e-6, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = norm(c_out, param_dtype, rngs)
         self.conv2 = Conv(c_out, c_out, role='hidden', **kw)
         self.skip = Conv(c_in, c_out, k=1, role='hidden', **kw) if c_in != c_out else None
 
@@ -156,23 +163,6 @@ class GroupNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x_BHWC.dtype)
 
 
-class GroupNormResBlock(nnx.Module):
-    """The published residual block: x + conv(silu(gn(conv(silu(gn(x)))))), 1x1 skip if needed."""
-
-    def __init__(self, c_in: int, c_out: int, size: int, rngs: nnx.Rngs, param_dtype: str):
-        kw = dict(out_size=size, rngs=rngs, param_dtype=param_dtype)
-        self.norm1 = GroupNorm(c_in, param_dtype, rngs)
-        self.conv1 = Conv(c_in, c_out, role='hidden', **kw)
-        self.norm2 = GroupNorm(c_out, param_dtype, rngs)
-        self.conv2 = Conv(c_out, c_out, role='hidden', **kw)
-        self.skip = Conv(c_in, c_out, k=1, role='hidden', **kw) if c_in != c_out else None
-
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        return (x_BHWC if self.skip is None else self.skip(x_BHWC)) + h
-
-
 class SpatialAttention(nnx.Module):
     """x + proj(attention over the h*w positions), one head of width C, 1x1 convs for q, k, v."""
 
@@ -199,7 +189,7 @@ class Level(nnx.Module):
                  resample: str | None, rngs: nnx.Rngs, param_dtype: str):
         blocks, attns = [], []
         for _ in range(n_blocks):
-            blocks.append(GroupNormResBlock(c_in, c_out, size, rngs, param_dtype))
+            blocks.append(ResBlock(c_in, c_out, size, rngs, param_dtype, norm=GroupNorm))
             c_in = c_out
             if attention:
                 attns.append(SpatialAttention(c_out, size, rngs, param_dtype))
@@ -228,9 +218,9 @@ class Middle(nnx.Module):
     """block_1, attention, block_2 at the lowest resolution."""
 
     def __init__(self, channels: int, size: int, rngs: nnx.Rngs, param_dtype: str):
-        self.block_1 = GroupNormResBlock(channels, channels, size, rngs, param_dtype)
+        self.block_1 = ResBlock(channels, channels, size, rngs, param_dtype, norm=GroupNorm)
         self.attn_1 = SpatialAttention(channels, size, rngs, param_dtype)
-        self.block_2 = GroupNormResBlock(channels, channels, size, rngs, param_dtype)
+        self.block_2 = ResBlock(channels, channels, size, rngs, param_dtype, norm=GroupNorm)
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         return self.block_2(self.attn_1(self.block_1(x_BHWC)))

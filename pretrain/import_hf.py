@@ -125,23 +125,33 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str,
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     with setup.activate():
-        state = setup.init_state()
         params = jax.tree_util.tree_map_with_path(load, setup.model_def.shapes, shardings)
-        state = state.replace(params=params)
-        record = {'step': 0, 'config': cfg.to_dict(), 'schedule': setup.schedule_spec.to_dict(),
-                  'param_shapes': setup.param_shapes, 'skipped_steps': 0,
-                  'lineage': [{'source': 'hf', 'path': os.path.abspath(hf_dir)}]}
         pipeline = data_lib.make_pipeline(
             cfg, setup.family, global_batch_size=cfg.train.global_batch_size,
             num_eval_batches=cfg.train.eval_batches, seed=cfg.seed,
             process_index=jax.process_index(), process_count=jax.process_count())
+        return save_step_zero(setup, workdir, params, pipeline.train_iterator(),
+                              [{'source': 'hf', 'path': os.path.abspath(hf_dir)}])
+
+
+def save_step_zero(setup: setup_lib.Setup, workdir: str, params: Any, data_position: Any,
+                   lineage: list[dict[str, str]]) -> dict[str, Any]:
+    """`params` (placed on the setup's mesh) as step 0 of a run in `workdir`: a fresh optimizer
+    state, the run's config.json and a checkpoint whose lineage names the source. Returns the
+    saved record."""
+    cfg = setup.cfg
+    with setup.activate():
+        state = setup.init_state().replace(params=params)
+        record = {'step': 0, 'config': cfg.to_dict(), 'schedule': setup.schedule_spec.to_dict(),
+                  'param_shapes': setup.param_shapes, 'skipped_steps': 0, 'lineage': lineage}
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             with open(os.path.join(workdir, 'config.json'), 'w') as f:
                 f.write(config_lib.to_json(cfg))
-        checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, cfg.checkpoint)
+        checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                                   cfg.checkpoint)
         try:
-            checkpointer.save(0, state, pipeline.train_iterator(), record, force=True)
+            checkpointer.save(0, state, data_position, record, force=True)
         finally:
             checkpointer.close()
     return record

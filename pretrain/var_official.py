@@ -36,6 +36,7 @@ import numpy as np
 from model_zoo import FAMILIES
 from pretrain import checkpoint as checkpoint_lib
 from pretrain import config as config_lib
+from pretrain import import_hf
 from pretrain import parametrization as parametrization_lib
 from pretrain import setup as setup_lib
 from pretrain.errors import ConfigError
@@ -285,28 +286,14 @@ def write_run(cfg: ml_collections.ConfigDict, workdir: str, params: dict[Path, n
     """`params` as step 0 of the run `cfg` in `workdir`; returns the saved record."""
     setup = setup_lib.build(cfg, devices, families=FAMILIES, check_data=False)
     cfg = setup.cfg
-    checkpoint_dir = os.path.join(workdir, 'checkpoints')
 
     def place(tree_path, shape, sharding):
         value = params[_keys(tree_path)]
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-    with setup.activate():
-        state = setup.init_state()
-        state = state.replace(params=jax.tree_util.tree_map_with_path(
-            place, setup.model_def.shapes, setup.state_shardings.params))
-        record = {'step': 0, 'config': cfg.to_dict(), 'schedule': setup.schedule_spec.to_dict(),
-                  'param_shapes': setup.param_shapes, 'skipped_steps': 0, 'lineage': source}
-        if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, 'config.json'), 'w') as f:
-                f.write(config_lib.to_json(cfg))
-        checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, cfg.checkpoint)
-        try:
-            checkpointer.save(0, state, _fresh_data_position(), record, force=True)
-        finally:
-            checkpointer.close()
-    return record
+    placed = jax.tree_util.tree_map_with_path(place, setup.model_def.shapes,
+                                              setup.state_shardings.params)
+    return import_hf.save_step_zero(setup, workdir, placed, _fresh_data_position(), source)
 
 
 def _abstract_params(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Any:

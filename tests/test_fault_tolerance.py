@@ -20,6 +20,7 @@ from pretrain import preemption, train
 from pretrain import step as step_lib
 from pretrain.errors import ConfigError, NonFiniteError
 from pretrain.metrics import read_metrics
+from pretrain.study.reuse import flatten
 from tests.helpers import leaves_by_path, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,20 +29,10 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 
 # --- a real training process ----------------------------------------------------------------
 
-def _flat(d: dict, prefix: str = '') -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
 def _cli_overrides(cfg) -> list[str]:
     """--config.* flags that turn configs/lm_tiny.py into `cfg`."""
-    base = _flat(lm_tiny.get_config().to_dict())
-    return [f'--config.{k}={v}' for k, v in _flat(cfg.to_dict()).items() if base[k] != v]
+    base = flatten(lm_tiny.get_config().to_dict())
+    return [f'--config.{k}={v}' for k, v in flatten(cfg.to_dict()).items() if base[k] != v]
 
 
 def _env() -> dict:

@@ -1,0 +1,57 @@
+"""Why µP loses to tuned SP at width 128: µP with one ingredient set to SP's, 3 seeds.
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_ablation.py \
+        --workdir=docs/mutransfer/ablation_sweep --parallel=2 \
+        --reuse_from=docs/mutransfer/width_sweep
+    python -m pretrain.study.ablation --sweep=configs/sweeps/mutransfer_ablation.py \
+        --sweep_dir=docs/mutransfer/ablation_sweep
+
+The width sweep's protocol and tuned base (mutransfer_width.py) at width 128, where SP tuned
+there beat µP by about 0.03 nats. Each variant changes one thing and keeps the rest of its
+parametrization; each gets a 3-point half-octave LR grid around where its optimum is expected,
+so a variant is scored at its own best LR. The two references ('mup', 'sp') are the width
+sweep's own runs, adopted with --reuse_from rather than trained again.
+
+- readout_as_sp: µP with the readout multiplier SP has at this width (output_mult x m, so the
+  logits are multiplied by 8 as under SP instead of 8 / m = 2).
+- attention_as_sp: µP with SP's attention scale 1/sqrt(d_head) (base_head_dim = this head dim).
+- mup_no_decay, sp_no_decay: both without weight decay (is the shared per-step decay, which
+  acts on µP's smaller hidden updates, the difference?).
+"""
+
+import math
+
+from configs.sweeps import mutransfer_common as common
+from configs.sweeps import mutransfer_width as width_sweep
+from pretrain.study.sweep import Sweep
+
+WIDTH = 128
+SEEDS = [0, 1, 2]
+_M = WIDTH / common.BASE_WIDTH
+_OUTPUT_MULT = width_sweep.TUNED['parametrization.output_mult']
+# label -> (overrides on top of the tuned base, half-octave LR points k: lr = 2^(k/2))
+MUP_LRS, SP_LRS = [-12, -11, -10], [-18, -17, -16]
+VARIANTS = {
+    'mup': ({'parametrization.name': 'mup'}, MUP_LRS),
+    'sp': ({'parametrization.name': 'sp'}, SP_LRS),
+    'readout_as_sp': ({'parametrization.name': 'mup',
+                       'parametrization.output_mult': _OUTPUT_MULT * _M}, [-13, -12, -11]),
+    'mup_no_decay': ({'parametrization.name': 'mup', 'optim.weight_decay': 0.0}, MUP_LRS),
+    'sp_no_decay': ({'parametrization.name': 'sp', 'optim.weight_decay': 0.0}, SP_LRS),
+    'attention_as_sp': ({'parametrization.name': 'mup',
+                         'parametrization.base_head_dim': WIDTH // 4}, MUP_LRS),
+}
+REFERENCES = ('mup', 'sp')   # the µP being explained and the SP it lost to
+
+
+def points() -> list[dict]:
+    """Seed by seed, so a partial sweep has every variant at the first seeds."""
+    return [{**overrides, 'model.d_model': WIDTH, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+            for seed in SEEDS for overrides, ks in VARIANTS.values() for k in ks]
+
+
+def get_sweep() -> Sweep:
+    assert math.isclose(_M, 4.0)
+    tuned = {k: v for k, v in width_sweep.TUNED.items() if k != 'optim.lr'}
+    return Sweep(base='configs/lm_tiny.py', points=points(),
+                 fixed={**common.fixed(), **tuned}, derive=common.shape)

@@ -111,6 +111,10 @@ def core_config() -> ml_collections.ConfigDict:
         zero_readout=False,        # initialise the readout at zero (needs an untied readout)
         zero_query=False,          # initialise attention query projections at zero
         scale_eps=True,            # Adam eps follows each role's gradient size under muP
+        # Per-role LR multipliers on top of the parametrization's rules (tuned at the base like
+        # input_mult; 1.0 leaves the rule as it is). Roles: pretrain/parametrization.py.
+        role_lr_mult=dict(embedding=1.0, hidden=1.0, hidden_fan_in=1.0, hidden_to_fixed=1.0,
+                          readout=1.0, vector=1.0),
     )
 
     c.schedule = dict(

@@ -41,6 +41,9 @@ that at the base shape the update's RMS is optim.muon.update_rms (Liu et al. 202
 readout and vectors keep AdamW and the rows above. Adafactor's update is RMS-normalised like
 Adam's, so it uses the Adam rows unchanged.
 
+parametrization.role_lr_mult multiplies each role's LR column by a tuned constant (1.0 by
+default), under every parametrization: the per-layer constants that a base-model tuning may set.
+
 SP is the same table with m = m_L = 1 in every multiplier (input and output multipliers still
 apply). Attention logits use 1/sqrt(d_head) under SP and sqrt(d_head_base)/d_head under muP,
 where d_head_base is the base model's head dim: `base_head_dim`, or base_width / n_heads when
@@ -107,6 +110,7 @@ class Parametrization:
     scale_eps: bool = True       # Adam eps follows each role's gradient size (table above)
     base_head_dim: float = 0.0   # d_head of the base model; 0 = this head dim / m, which is
                                  # base_width / n_heads with the head count held fixed
+    role_lr: tuple[float, ...] = (1.0,) * len(ROLE_RULES)   # per-role LR multiplier, ROLES order
 
     @property
     def mup(self) -> bool:
@@ -155,12 +159,13 @@ class Parametrization:
     def lr_mult(self, role: str, in_block: bool, spectral: bool = False) -> float:
         """`spectral`: the parameter is updated by Muon, whose update scale (spectral_scale)
         already carries the width, so only the depth factor is left."""
+        tuned = self.role_lr[ROLES.index(role)]
         if ROLE_RULES[role].width_scaled:
             width = 1.0 if spectral else self._m ** ROLE_RULES[role].lr
-            return self._depth_lr * width
+            return tuned * self._depth_lr * width
         if role == 'vector' and in_block:
-            return self._depth_lr
-        return 1.0
+            return tuned * self._depth_lr
+        return tuned
 
     def spectral_scale(self, role: str, fan_in: int, fan_out: int, update_rms: float) -> float:
         """Muon's multiplier of an orthogonalised update of a fan_in x fan_out matrix.
@@ -217,7 +222,23 @@ def from_config(cfg) -> Parametrization:
                            depth_alpha=p.depth_alpha, input_mult=p.input_mult,
                            output_mult=p.output_mult, zero_readout=p.zero_readout,
                            zero_query=p.zero_query, scale_eps=p.scale_eps,
-                           base_head_dim=_base_head_dim(cfg))
+                           base_head_dim=_base_head_dim(cfg), role_lr=_role_lr(p))
+
+
+def _role_lr(p) -> tuple[float, ...]:
+    """parametrization.role_lr_mult as a tuple in ROLES order; each a positive number."""
+    given = dict(p.get('role_lr_mult', {}))
+    unknown = sorted(set(given) - set(ROLES))
+    if unknown:
+        raise ConfigError(f'parametrization.role_lr_mult has unknown roles {unknown}; the roles are '
+                          f'{list(ROLES)}')
+    out = []
+    for role in ROLES:
+        value = given.get(role, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f'parametrization.role_lr_mult.{role}={value!r} must be a positive number')
+        out.append(float(value))
+    return tuple(out)
 
 
 def _base_head_dim(cfg) -> float:

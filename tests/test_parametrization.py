@@ -176,6 +176,33 @@ def test_adam_lr_multipliers_per_role(width):
     np.testing.assert_allclose(np.abs(updates['final_norm']['scale']), LR, rtol=1e-4)
 
 
+@pytest.mark.parametrize('name', ['sp', 'mup'])
+def test_role_lr_multipliers_scale_one_role_on_top_of_the_rule(name):
+    c = _cfg(name, width=64, base_width=32, weight_decay=0.0, grad_clip=0.0, eps=1e-12)
+    c.parametrization.role_lr_mult.update(embedding=0.25, vector=3.0)
+    _, updates = _first_update(c, jnp.ones_like)
+    m = 2.0 if name == 'mup' else 1.0
+    np.testing.assert_allclose(np.abs(updates['embed']['table']), LR * 0.25, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(updates['final_norm']['scale']), LR * 3.0, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(updates['blocks'][0]['mlp']['w_down']), LR / m, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(updates['head']), LR, rtol=1e-4)
+
+
+@pytest.mark.parametrize('value', [0.0, -1.0, float('nan')])
+def test_bad_role_lr_multiplier_is_named(value):
+    c = _cfg('mup')
+    c.parametrization.role_lr_mult.hidden = value
+    with pytest.raises(ConfigError, match=f'role_lr_mult.hidden={value!r} must be a positive'):
+        parametrization_lib.from_config(c)
+
+
+def test_unknown_role_in_lr_multipliers_is_named():
+    c = _cfg('mup')
+    c.parametrization.role_lr_mult = dict(embeding=0.5)
+    with pytest.raises(ConfigError, match=r"unknown roles \['embeding'\]"):
+        parametrization_lib.from_config(c)
+
+
 def test_depth_mup_lr_multipliers():
     c = _cfg('depth_mup', width=64, base_width=32, depth=4, base_depth=1,
              weight_decay=0.0, grad_clip=0.0, eps=1e-12)

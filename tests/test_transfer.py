@@ -59,6 +59,10 @@ def test_transfer_met_for_mup_and_sp_drifts():
     groups = {g['variant']: g for g in result['groups']}
     assert groups['mup']['drift']['total'] == pytest.approx(0.0, abs=0.05)
     assert groups['sp']['drift']['per_doubling'] == pytest.approx(-1.0, abs=0.05)
+    # The interval bounds the drift over the whole range (2 doublings); per doubling it is half.
+    low, high = groups['sp']['drift']['interval']
+    assert low <= groups['sp']['drift']['total'] <= high
+    assert groups['sp']['drift']['interval_per_doubling'] == pytest.approx([low / 2, high / 2])
     verdicts = {(v['variant'], v['criterion'].split()[0]): v['verdict'] for v in result['verdicts']}
     assert verdicts[('mup', 'abs(drift)')] == 'met'
     assert verdicts[('sp', 'drifts')] == 'met'

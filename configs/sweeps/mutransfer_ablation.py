@@ -17,6 +17,11 @@ sweep's own runs, adopted with --reuse_from rather than trained again.
 - attention_as_sp: µP with SP's attention scale 1/sqrt(d_head) (base_head_dim = this head dim).
 - mup_no_decay, sp_no_decay: both without weight decay (is the shared per-step decay, which
   acts on µP's smaller hidden updates, the difference?).
+- embedding_lr_as_sp, vector_lr_as_sp: µP with the embedding's (or the norm gains') LR divided
+  by m, as SP's single LR would have it relative to the hidden matrices. At µP's best LR the
+  embedding moves 11x as far per step as under tuned SP, the hidden matrices 2.8x.
+
+Runs go seed by seed, the variants in the order listed (the most telling first).
 """
 
 import math
@@ -30,16 +35,20 @@ SEEDS = [0, 1, 2]
 _M = WIDTH / common.BASE_WIDTH
 _OUTPUT_MULT = width_sweep.TUNED['parametrization.output_mult']
 # label -> (overrides on top of the tuned base, half-octave LR points k: lr = 2^(k/2))
-MUP_LRS, SP_LRS = [-12, -11, -10], [-18, -17, -16]
+MUP_LRS, SP_LRS = [-12, -11, -10, -9], [-18, -17, -16]   # µP's optimum at 128 is near k = -10
 VARIANTS = {
     'mup': ({'parametrization.name': 'mup'}, MUP_LRS),
     'sp': ({'parametrization.name': 'sp'}, SP_LRS),
-    'readout_as_sp': ({'parametrization.name': 'mup',
-                       'parametrization.output_mult': _OUTPUT_MULT * _M}, [-13, -12, -11]),
-    'mup_no_decay': ({'parametrization.name': 'mup', 'optim.weight_decay': 0.0}, MUP_LRS),
-    'sp_no_decay': ({'parametrization.name': 'sp', 'optim.weight_decay': 0.0}, SP_LRS),
+    'embedding_lr_as_sp': ({'parametrization.name': 'mup',
+                            'parametrization.role_lr_mult.embedding': 1 / _M}, MUP_LRS),
+    'vector_lr_as_sp': ({'parametrization.name': 'mup',
+                         'parametrization.role_lr_mult.vector': 1 / _M}, MUP_LRS),
     'attention_as_sp': ({'parametrization.name': 'mup',
                          'parametrization.base_head_dim': WIDTH // 4}, MUP_LRS),
+    'mup_no_decay': ({'parametrization.name': 'mup', 'optim.weight_decay': 0.0}, MUP_LRS),
+    'sp_no_decay': ({'parametrization.name': 'sp', 'optim.weight_decay': 0.0}, SP_LRS),
+    'readout_as_sp': ({'parametrization.name': 'mup',
+                       'parametrization.output_mult': _OUTPUT_MULT * _M}, [-13, -12, -11]),
 }
 REFERENCES = ('mup', 'sp')   # the µP being explained and the SP it lost to
 

@@ -152,7 +152,10 @@ def drift(group_grids: Mapping[int, Grid], n_boot: int = 2000, seed: int = 0) ->
         if all(math.isfinite(y) for y in ys):
             boot.append(_slope(sizes, ys) * span)
     low, high = (np.percentile(boot, [2.5, 97.5]).tolist() if boot else [math.nan, math.nan])
+    # 'interval' is for the drift over the whole range (what the goal bounds); per doubling it is
+    # that interval / span.
     return {**out, 'per_doubling': slope, 'total': slope * span, 'interval': [low, high],
+            'interval_per_doubling': [low / span, high / span],
             'all_bracketed': all(optima[s].bracketed for s in sizes)}
 
 
@@ -342,12 +345,15 @@ def markdown(result: Mapping[str, Any]) -> str:
             lines.append(f'| {g["variant"]} | {g["steps"]} | {size} | {g["drift"]["seeds"][size]} | '
                          f'2^{o["log2_lr"]:.2f} = {2 ** o["log2_lr"]:.3g} | {o["loss"]:.4f} | '
                          f'{"yes" if o["bracketed"] else "no (edge)" if o["at_edge"] else "no"} |')
-    lines += ['', '| variant | steps | drift per doubling (octaves) | over the range | 95% interval | '
-              'noise floor (nats, seed std) | transferred LR |', '|---|---|---|---|---|---|---|']
+    lines += ['', '| variant | steps | drift per doubling (octaves) | its 95% interval | over the range | '
+              'its 95% interval | '
+              'noise floor (nats, seed std) | transferred LR |', '|---|---|---|---|---|---|---|---|']
     for g in result['groups']:
         d = g['drift']
         lr = g['transferred_lr']
-        lines.append(f'| {g["variant"]} | {g["steps"]} | {d["per_doubling"]:+.3f} | {d["total"]:+.3f} | '
+        per_doubling = d.get('interval_per_doubling', [math.nan, math.nan])
+        lines.append(f'| {g["variant"]} | {g["steps"]} | {d["per_doubling"]:+.3f} | '
+                     f'{_fmt_interval(per_doubling)} | {d["total"]:+.3f} | '
                      f'{_fmt_interval(d["interval"])} | '
                      f'{"n/a" if math.isnan(g["noise_floor"]) else format(g["noise_floor"], ".4f")} | '
                      f'{"n/a" if lr is None else f"{lr:.3g}"} |')

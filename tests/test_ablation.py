@@ -1,0 +1,82 @@
+"""Ablation verdicts on synthetic runs whose gaps are known by construction."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pretrain.study import ablation
+
+VARIANTS = {
+    'mup': ({'parametrization.name': 'mup'}, [-12, -11, -10]),
+    'sp': ({'parametrization.name': 'sp'}, [-18, -17, -16]),
+    'fix': ({'parametrization.name': 'mup', 'parametrization.output_mult': 32.0}, [-12, -11, -10]),
+    'noop': ({'parametrization.name': 'mup', 'optim.weight_decay': 0.0}, [-12, -11, -10]),
+}
+# Loss at each variant's best LR (the middle of its grid); SP is 0.03 below µP.
+LEVEL = {'mup': 1.43, 'sp': 1.40, 'fix': 1.40, 'noop': 1.43}
+
+
+def _rows(seeds=(0, 1, 2), noise=0.002):
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in seeds:
+        seed_offset = 0.02 * seed   # shared by every variant: pairing by seed removes it
+        for label, (overrides, ks) in VARIANTS.items():
+            for k in ks:
+                loss = LEVEL[label] + 0.01 * (k - ks[1]) ** 2 + seed_offset + rng.normal(0, noise)
+                point = {**overrides, 'model.d_model': 128, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+                rows.append({'status': 'done', 'final_loss': loss, 'point': point})
+    rows.append({'status': 'done', 'final_loss': 0.0,   # another sweep's point: not a variant
+                 'point': {'parametrization.name': 'mup', 'model.d_model': 128, 'seed': 0,
+                           'optim.lr': 0.01, 'model.init_std': 0.5}})
+    return rows
+
+
+def test_gap_and_verdicts_by_construction():
+    result = ablation.report(_rows(), VARIANTS, ('mup', 'sp'))
+    assert result['gap']['mean'] == pytest.approx(-0.03, abs=0.005)
+    assert result['gap']['interval'][1] < 0
+    by_label = {c['variant']: c for c in result['comparisons']}
+    assert by_label['fix']['gap_closed'] == pytest.approx(1.0, abs=0.2)
+    assert by_label['fix']['verdict_vs_mup'] == 'better than mup'
+    assert by_label['fix']['verdict_vs_sp'] == 'not distinguishable'
+    assert by_label['noop']['verdict_vs_mup'] == 'no difference shown'
+    assert by_label['noop']['verdict_vs_sp'] == 'still worse than sp'
+    assert result['variants']['sp']['lr'] == pytest.approx(2.0 ** -8.5)
+    assert not result['variants']['sp']['at_edge']
+    assert set(result['variants']) == set(VARIANTS)   # the foreign point matched no variant
+
+
+def test_one_seed_gives_no_verdict_and_markdown_renders():
+    result = ablation.report(_rows(seeds=(0,)), VARIANTS, ('mup', 'sp'))
+    assert {c['verdict_vs_mup'] for c in result['comparisons']} == {'not shown'}
+    text = ablation.markdown(result)
+    assert '| fix |' in text and 'Gap (sp minus mup' in text
+    json.loads(ablation.transfer.to_json(result))
+
+
+def test_missing_reference_reports_no_gap():
+    rows = [r for r in _rows() if r['point']['parametrization.name'] != 'sp']
+    result = ablation.report(rows, VARIANTS, ('mup', 'sp'))
+    assert result['gap'] is None and result['comparisons'] == []
+
+
+def test_command_line_on_the_real_sweep_file(tmp_path):
+    import subprocess
+    import sys
+    from configs.sweeps import mutransfer_ablation
+    rows = []
+    for label, (overrides, ks) in mutransfer_ablation.VARIANTS.items():
+        for seed in (0, 1):
+            for k in ks:
+                rows.append({'status': 'done', 'final_loss': 1.4 + 0.001 * k * k + 0.01 * seed,
+                             'point': {**overrides, 'model.d_model': 128, 'seed': seed,
+                                       'optim.lr': 2.0 ** (k / 2)}})
+    (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    done = subprocess.run([sys.executable, '-m', 'pretrain.study.ablation',
+                           '--sweep=configs/sweeps/mutransfer_ablation.py', f'--sweep_dir={tmp_path}'],
+                          capture_output=True, text=True, cwd=ablation.sweep_lib.ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / 'ablation.md').read_text()
+    assert all(f'| {label} |' in text for label in mutransfer_ablation.VARIANTS)

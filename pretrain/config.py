@@ -115,6 +115,9 @@ def core_config() -> ml_collections.ConfigDict:
         # input_mult; 1.0 leaves the rule as it is). Roles: pretrain/parametrization.py.
         role_lr_mult=dict(embedding=1.0, hidden=1.0, hidden_fan_in=1.0, hidden_to_fixed=1.0,
                           readout=1.0, vector=1.0),
+        # The same for the init (a multiplier of each role's init scale; 0 is allowed).
+        role_init_mult=dict(embedding=1.0, hidden=1.0, hidden_fan_in=1.0, hidden_to_fixed=1.0,
+                            readout=1.0, vector=1.0),
     )
 
     c.schedule = dict(

@@ -41,8 +41,9 @@ that at the base shape the update's RMS is optim.muon.update_rms (Liu et al. 202
 readout and vectors keep AdamW and the rows above. Adafactor's update is RMS-normalised like
 Adam's, so it uses the Adam rows unchanged.
 
-parametrization.role_lr_mult multiplies each role's LR column by a tuned constant (1.0 by
-default), under every parametrization: the per-layer constants that a base-model tuning may set.
+parametrization.role_lr_mult and role_init_mult multiply each role's LR and init columns by a
+tuned constant (1.0 by default), under every parametrization: the per-layer constants that a
+base-model tuning may set.
 
 SP is the same table with m = m_L = 1 in every multiplier (input and output multipliers still
 apply). Attention logits use 1/sqrt(d_head) under SP and sqrt(d_head_base)/d_head under muP,
@@ -111,6 +112,7 @@ class Parametrization:
     base_head_dim: float = 0.0   # d_head of the base model; 0 = this head dim / m, which is
                                  # base_width / n_heads with the head count held fixed
     role_lr: tuple[float, ...] = (1.0,) * len(ROLE_RULES)   # per-role LR multiplier, ROLES order
+    role_init: tuple[float, ...] = (1.0,) * len(ROLE_RULES)  # per-role init multiplier
 
     @property
     def mup(self) -> bool:
@@ -154,7 +156,7 @@ class Parametrization:
     def init_mult(self, role: str) -> float:
         if role == 'readout' and self.zero_readout:
             return 0.0
-        return self._m ** ROLE_RULES[role].init
+        return self.role_init[ROLES.index(role)] * self._m ** ROLE_RULES[role].init
 
     def lr_mult(self, role: str, in_block: bool, spectral: bool = False) -> float:
         """`spectral`: the parameter is updated by Muon, whose update scale (spectral_scale)
@@ -222,21 +224,25 @@ def from_config(cfg) -> Parametrization:
                            depth_alpha=p.depth_alpha, input_mult=p.input_mult,
                            output_mult=p.output_mult, zero_readout=p.zero_readout,
                            zero_query=p.zero_query, scale_eps=p.scale_eps,
-                           base_head_dim=_base_head_dim(cfg), role_lr=_role_lr(p))
+                           base_head_dim=_base_head_dim(cfg),
+                           role_lr=_per_role(p, 'role_lr_mult', zero_ok=False),
+                           role_init=_per_role(p, 'role_init_mult', zero_ok=True))
 
 
-def _role_lr(p) -> tuple[float, ...]:
-    """parametrization.role_lr_mult as a tuple in ROLES order; each a positive number."""
-    given = dict(p.get('role_lr_mult', {}))
+def _per_role(p, key: str, zero_ok: bool) -> tuple[float, ...]:
+    """parametrization.<key> (role -> multiplier) as a tuple in ROLES order."""
+    given = dict(p.get(key, {}))
     unknown = sorted(set(given) - set(ROLES))
     if unknown:
-        raise ConfigError(f'parametrization.role_lr_mult has unknown roles {unknown}; the roles are '
+        raise ConfigError(f'parametrization.{key} has unknown roles {unknown}; the roles are '
                           f'{list(ROLES)}')
     out = []
     for role in ROLES:
         value = given.get(role, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ConfigError(f'parametrization.role_lr_mult.{role}={value!r} must be a positive number')
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not number or not (0 <= value if zero_ok else 0 < value) or not value < math.inf:
+            raise ConfigError(f'parametrization.{key}.{role}={value!r} must be a '
+                              f'{"non-negative" if zero_ok else "positive"} number')
         out.append(float(value))
     return tuple(out)
 

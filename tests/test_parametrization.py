@@ -196,6 +196,19 @@ def test_bad_role_lr_multiplier_is_named(value):
         parametrization_lib.from_config(c)
 
 
+def test_role_init_multiplier_scales_one_role_on_top_of_the_rule():
+    c = _cfg('mup', width=128, base_width=32)
+    plain = parametrization_lib.from_config(c)
+    c.parametrization.role_init_mult.update(hidden=2.0, embedding=0.0)
+    tuned = parametrization_lib.from_config(c)
+    assert tuned.init_mult('hidden') == 2.0 * plain.init_mult('hidden') == 1.0
+    assert tuned.init_mult('embedding') == 0.0
+    assert tuned.init_mult('readout') == plain.init_mult('readout')
+    c.parametrization.role_init_mult.hidden = -1.0
+    with pytest.raises(ConfigError, match='role_init_mult.hidden=-1.0 must be a non-negative'):
+        parametrization_lib.from_config(c)
+
+
 def test_unknown_role_in_lr_multipliers_is_named():
     c = _cfg('mup')
     c.parametrization.role_lr_mult = dict(embeding=0.5)

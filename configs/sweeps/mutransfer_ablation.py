@@ -20,6 +20,7 @@ sweep's own runs, adopted with --reuse_from rather than trained again.
 - embedding_lr_as_sp, vector_lr_as_sp: µP with the embedding's (or the norm gains') LR divided
   by m, as SP's single LR would have it relative to the hidden matrices. At µP's best LR the
   embedding moves 11x as far per step as under tuned SP, the hidden matrices 2.8x.
+- hidden_init_as_sp: µP with SP's init of the hidden matrices (sigma, not sigma / sqrt(m)).
 
 Runs go seed by seed, the variants in the order listed (the most telling first).
 """
@@ -41,6 +42,8 @@ VARIANTS = {
     'sp': ({'parametrization.name': 'sp'}, SP_LRS),
     'embedding_lr_as_sp': ({'parametrization.name': 'mup',
                             'parametrization.role_lr_mult.embedding': 1 / _M}, MUP_LRS),
+    'hidden_init_as_sp': ({'parametrization.name': 'mup',
+                           'parametrization.role_init_mult.hidden': math.sqrt(_M)}, MUP_LRS),
     'vector_lr_as_sp': ({'parametrization.name': 'mup',
                          'parametrization.role_lr_mult.vector': 1 / _M}, MUP_LRS),
     'attention_as_sp': ({'parametrization.name': 'mup',

@@ -5,6 +5,12 @@
 K scales take K transformer calls (a raster-order model of the same token count needs one call
 per token). Guidance: logits = (1 + t) cond - t uncond, with t = cfg_scale * k / (K - 1)
 rising over the scales.
+
+--more_smooth (the published VAR sampler's option of that name): the codes are sampled as
+usual, but the feature each scale adds to f_hat is a Gumbel-softmax mix of the codebook instead
+of the sampled code's vector, softmax((logits * (1 + r) + g) / tau) @ codebook with r = k / (K - 1),
+g Gumbel noise and tau = max(0.27 (1 - 0.95 r), 0.005): soft early scales, nearly hard late ones,
+which gives smoother images at some cost in detail.
 """
 
 import functools
@@ -37,11 +43,30 @@ def filter_logits(logits_BNV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> 
 
 
 Choose = Callable[[int, jax.Array], jax.Array]   # (scale k, logits [B, n, V]) -> codes [B, n]
+# (scale k, guided logits [B, n, V]) -> the code vectors [B, n, C] that scale adds to f_hat
+Embed = Callable[[int, jax.Array], jax.Array]
+
+
+def smooth_tau(k: int, n_scales: int) -> float:
+    """The Gumbel-softmax temperature at scale k: 0.27 at the first scale, 0.0135 at the last."""
+    r = k / max(n_scales - 1, 1)
+    return max(0.27 * (1 - 0.95 * r), 0.005)
+
+
+def smooth_embedding(logits_BNV: jax.Array, codebook_VC: jax.Array, key: jax.Array, k: int,
+                     n_scales: int) -> jax.Array:
+    """softmax((logits * (1 + r) + Gumbel noise) / tau) @ codebook: a soft code per token."""
+    r = k / max(n_scales - 1, 1)
+    gumbel_BNV = jax.random.gumbel(key, logits_BNV.shape, jnp.float32)
+    weights_BNV = jax.nn.softmax((logits_BNV.astype(jnp.float32) * (1 + r) + gumbel_BNV)
+                                 / smooth_tau(k, n_scales), axis=-1)
+    return jnp.einsum('bnv,vc->bnc', weights_BNV, codebook_VC.astype(jnp.float32))
 
 
 def decode_scales(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, choose: Choose,
-                  cfg_scale: float = 0.0):
-    """Runs the scales in order with a KV cache; `choose` picks each scale's codes.
+                  cfg_scale: float = 0.0, embed: Embed | None = None):
+    """Runs the scales in order with a KV cache; `choose` picks each scale's codes; `embed`,
+    when given, replaces the chosen codes' vectors in f_hat (the smooth sampler).
 
     Returns (f_hat [B, h, w, C], codes per scale, guided logits per scale).
     """
@@ -62,7 +87,10 @@ def decode_scales(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, choose: Cho
         idx_Bn = choose(k, logits)
         all_logits.append(logits)
         codes.append(idx_Bn)
-        f_hat = f_hat + tokenizer.quantizer.scale_feature(idx_Bn, k)
+        if embed is None:
+            f_hat = f_hat + tokenizer.quantizer.scale_feature(idx_Bn, k)
+        else:
+            f_hat = f_hat + tokenizer.quantizer.embedding_feature(embed(k, logits), k)
         if k + 1 < K:
             inputs = next_input(f_hat, pns[k + 1])
             if guided:
@@ -72,26 +100,34 @@ def decode_scales(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, choose: Cho
 
 def sample(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, key: jax.Array, *,
            cfg_scale: float = 1.5, top_k: int = 0, top_p: float = 1.0,
-           temperature: float = 1.0) -> tuple[jax.Array, list[jax.Array]]:
+           temperature: float = 1.0, more_smooth: bool = False) -> tuple[jax.Array, list[jax.Array]]:
     """(images in [-1, 1] [B, H, W, 3], codes per scale) for the given class labels."""
     gv, pv = nnx.split(model)
     gt, pt = nnx.split(tokenizer)
-    fn = _sampler(gv, gt, float(cfg_scale), int(top_k), float(top_p), float(temperature))
+    fn = _sampler(gv, gt, float(cfg_scale), int(top_k), float(top_p), float(temperature),
+                  bool(more_smooth))
     return fn(pv, pt, labels_B, key)
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(gv, gt, cfg_scale, top_k, top_p, temperature):
+def _sampler(gv, gt, cfg_scale, top_k, top_p, temperature, more_smooth):
     @jax.jit
     def run(pv, pt, labels_B, key):
         model, tokenizer = nnx.merge(gv, pv), nnx.merge(gt, pt)
-        keys = jax.random.split(key, len(model.patch_nums))
+        K = len(model.patch_nums)
+        keys = jax.random.split(key, K)
+        smooth_keys = jax.random.split(jax.random.fold_in(key, 1), K)
 
         def choose(k, logits):
             logits = filter_logits(logits / temperature, top_k, top_p)
             return jax.random.categorical(keys[k], logits, axis=-1).astype(jnp.int32)
 
-        f_hat, codes, _ = decode_scales(model, tokenizer, labels_B, choose, cfg_scale)
+        def embed(k, logits):
+            logits = filter_logits(logits, top_k, top_p)
+            return smooth_embedding(logits, tokenizer.quantizer.codebook[...], smooth_keys[k], k, K)
+
+        f_hat, codes, _ = decode_scales(model, tokenizer, labels_B, choose, cfg_scale,
+                                        embed if more_smooth else None)
         return jnp.clip(tokenizer.decode(f_hat), -1.0, 1.0), codes
     return run
 
@@ -158,7 +194,7 @@ def main(argv) -> None:
     n = cfg.model.var.num_classes
     labels = jnp.repeat(jnp.arange(n, dtype=jnp.int32), f.per_class)
     images, _ = sample(model, tokenizer, labels, jax.random.PRNGKey(f.seed), cfg_scale=f.cfg_scale,
-                       top_k=f.top_k, top_p=f.top_p)
+                       top_k=f.top_k, top_p=f.top_p, more_smooth=f.more_smooth)
     # One column per class: row r holds the r-th sample of every class.
     order = np.arange(n * f.per_class).reshape(n, f.per_class).T.reshape(-1)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -178,4 +214,6 @@ if __name__ == '__main__':
     flags.DEFINE_integer('top_k', 0, 'Keep the k most likely codes (0 = all).')
     flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
     flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+    flags.DEFINE_bool('more_smooth', False, 'Gumbel-softmax code mixes in the image features '
+                      '(smoother images; the published sampler\'s option).')
     app.run(main)

@@ -328,8 +328,12 @@ class Quantizer(nnx.Module):
 
     def scale_feature(self, idx_BN: jax.Array, k: int) -> jax.Array:
         """h_k: scale k's codes [B, pn*pn] looked up, upsampled to the latent and refined by phi."""
+        return self.embedding_feature(jnp.take(self.codebook[...], idx_BN, axis=0), k)
+
+    def embedding_feature(self, e_BNC: jax.Array, k: int) -> jax.Array:
+        """h_k from scale k's code vectors [B, pn*pn, C] (looked up, or a soft mix of codes)."""
         pn = self.patch_nums[k]
-        e_BppC = jnp.take(self.codebook[...], idx_BN, axis=0).reshape(idx_BN.shape[0], pn, pn, -1)
+        e_BppC = e_BNC.reshape(e_BNC.shape[0], pn, pn, -1)
         up_BhwC = resize.resize(e_BppC, self.latent_size, 'bicubic')
         conv = self.phi[phi_index(k, len(self.patch_nums), len(self.phi), self.phi_rule)]
         return (1 - self.phi_ratio) * up_BhwC + self.phi_ratio * conv(up_BhwC)

@@ -299,3 +299,27 @@ def test_a_dry_run_of_stage_2_needs_no_tokenizer_checkpoint(tmp_path):
     result = train.run(var_config(str(tmp_path / 'nowhere'), steps=3), '', dry_run=True)
     assert result['params'] > 0 and result['total_bytes'] > 0
     assert not os.path.exists(tmp_path / 'nowhere')
+
+
+def test_smooth_embedding_is_the_code_when_one_logit_dominates_and_a_mix_otherwise():
+    codebook = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+    logits = jnp.full((1, 2, 6), -50.0).at[0, 0, 4].set(50.0).at[0, 1, 1].set(50.0)
+    e = var_sample.smooth_embedding(logits, codebook, jax.random.PRNGKey(0), k=3, n_scales=4)
+    np.testing.assert_allclose(e[0], codebook[jnp.array([4, 1])], rtol=1e-6, atol=1e-6)
+    flat = var_sample.smooth_embedding(jnp.zeros((1, 2, 6)), codebook, jax.random.PRNGKey(0), 0, 4)
+    assert np.abs(np.asarray(flat[0, 0]) - np.asarray(codebook)).max(axis=1).min() > 1e-3  # a mix
+    assert var_sample.smooth_tau(0, 10) == pytest.approx(0.27)
+    assert var_sample.smooth_tau(9, 10) == pytest.approx(0.27 * 0.05)
+
+
+def test_more_smooth_keeps_the_first_scale_codes_and_changes_the_image(tokenizer_run, var_run):
+    c = var_config(tokenizer_run[0])
+    tokenizer, _ = var.load_tokenizer(c)
+    model, _, _ = var.restore_model(var_run[0])
+    labels = jnp.arange(4, dtype=jnp.int32)
+    hard, hard_codes = var_sample.sample(model, tokenizer, labels, jax.random.PRNGKey(0))
+    smooth, smooth_codes = var_sample.sample(model, tokenizer, labels, jax.random.PRNGKey(0),
+                                             more_smooth=True)
+    np.testing.assert_array_equal(hard_codes[0], smooth_codes[0])   # same keys for the codes
+    assert smooth.shape == hard.shape and float(jnp.abs(smooth).max()) <= 1.0
+    assert not np.allclose(smooth, hard)

@@ -14,6 +14,9 @@ or `Mamba2ForCausalLM` (version=2) layout instead, by the same command (pretrain
 The tokenizer: `data.tokenizer='hf'` copies its tokenizer.json (`AutoTokenizer` loads it as a
 `PreTrainedTokenizerFast`); 'sentencepiece' copies the .model file as tokenizer.model for a
 `LlamaTokenizer`; both with a tokenizer_config.json. 'bytes' has no HF form: no tokenizer files.
+`AutoTokenizer` gives the run's ids (tested with -m interop), with one known exception: for a
+SentencePiece model trained with a dummy prefix (SentencePiece's default), a text that begins
+with whitespace gets one space fewer from HF's Llama tokenizer.
 """
 
 import json
@@ -103,8 +106,10 @@ def tokenizer_files(cfg: Any) -> dict[str, Any]:
         tokenizer = tokenizers_lib.SentencePieceTokenizer(data_cfg.tokenizer_path)
         config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': False,
                   'add_eos_token': False, 'model_max_length': max_length,
-                  # legacy: plain SentencePiece encoding, as the run's pipeline used it
-                  'legacy': True, 'clean_up_tokenization_spaces': False}
+                  # legacy: plain SentencePiece encoding, as the run's pipeline used it;
+                  # add_prefix_space: the model's own choice (HF's default is to add one)
+                  'legacy': True, 'clean_up_tokenization_spaces': False,
+                  'add_prefix_space': tokenizer.adds_dummy_prefix()}
         config.update({f'{name}_token': piece
                        for name, piece in tokenizer.special_pieces().items()})
         return {'copy': (data_cfg.tokenizer_path, 'tokenizer.model'), 'config': config,

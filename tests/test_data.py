@@ -68,10 +68,11 @@ def _train_spm(folder, name, **kwargs):
     corpus.write_text('\n'.join(lines))
     # Identity normalization and byte fallback make encode/decode lossless; the 256 byte
     # pieces set the vocabulary floor.
+    options = dict(add_dummy_prefix=False, remove_extra_whitespaces=False)
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(folder / name), vocab_size=300,
         model_type='bpe', byte_fallback=True, normalization_rule_name='identity',
-        add_dummy_prefix=False, remove_extra_whitespaces=False, minloglevel=2, **kwargs)
+        minloglevel=2, **{**options, **kwargs})
     return str(folder / f'{name}.model')
 
 

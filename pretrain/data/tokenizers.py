@@ -103,6 +103,10 @@ class SentencePieceTokenizer(Tokenizer):
         ids = {'eos': sp.eos_id(), 'bos': sp.bos_id(), 'unk': sp.unk_id(), 'pad': sp.pad_id()}
         return {name: sp.id_to_piece(index) for name, index in ids.items() if index >= 0}
 
+    def adds_dummy_prefix(self) -> bool:
+        """Whether the model prepends a space to every text (its add_dummy_prefix option)."""
+        return self._sp.encode('x', out_type=str)[0].startswith(_SPACE_META)
+
     def _piece_byte_lengths(self) -> np.ndarray:
         sp = self._sp
         lengths = np.zeros(self.vocab_size, np.int32)

@@ -293,8 +293,9 @@ def phi_index(k: int, n_scales: int, n_phi: int, rule: str = 'simple') -> int:
     """Which shared phi conv scale k uses.
 
     'simple': the scales spread evenly over the convs, round(k / (S - 1) * (n_phi - 1)).
-    'published': VAR's rule, the conv whose tick in linspace(1/(3 n_phi), 1 - 1/(3 n_phi),
-    n_phi) is nearest to k / (S - 1). Computed in float64 the same way as the reference,
+    'published': VAR's rule, the conv whose tick is nearest to k / (S - 1), the ticks
+    linspace(a, 1 - a, n_phi) with a = 1/(3 n_phi) for 4 convs (the released tokenizer) and
+    1/(2 n_phi) for any other count. Computed in float64 the same way as the reference,
     because some scales lie exactly half-way between two ticks and the rounding of the ticks
     decides them (scale 7 of 10 with 4 convs: phi 3, where 'simple' gives phi 2).
     """
@@ -302,7 +303,8 @@ def phi_index(k: int, n_scales: int, n_phi: int, rule: str = 'simple') -> int:
         return 0
     if rule == 'simple':
         return round(k / (n_scales - 1) * (n_phi - 1))
-    ticks = np.linspace(1 / 3 / n_phi, 1 - 1 / 3 / n_phi, n_phi)
+    margin = 1 / 3 / n_phi if n_phi == 4 else 1 / 2 / n_phi
+    ticks = np.linspace(margin, 1 - margin, n_phi)
     return int(np.argmin(np.abs(ticks - k / (n_scales - 1))))
 
 

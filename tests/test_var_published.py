@@ -66,6 +66,16 @@ def test_scale_7_of_10_gets_phi_3_under_the_published_rule_and_phi_2_under_the_o
     assert var_tokenizer.phi_index(0, 1, 4, 'published') == 0
 
 
+def test_published_rule_with_other_than_four_convs_uses_the_half_step_margin():
+    # The reference spaces the ticks from 1/(3K) only for K = 4; otherwise from 1/(2K). With
+    # K = 3 scale 3 of 10 lies half-way between the first two ticks and goes to phi 0 (the
+    # 1/(3K) ticks would send it to phi 1).
+    assert [var_tokenizer.phi_index(k, 10, 3, 'published') for k in range(10)] == \
+        [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [var_tokenizer.phi_index(k, 10, 8, 'published') for k in range(10)] == \
+        [0, 0, 1, 2, 3, 4, 5, 6, 7, 7]
+
+
 def test_the_quantizer_refines_scale_7_with_the_conv_its_rule_names():
     v = ml_collections.ConfigDict(var_tokenizer.default_config()['var'])
     v.update(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), codebook_size=16, latent_channels=4,

@@ -22,6 +22,8 @@ sweep's own runs, adopted with --reuse_from rather than trained again.
   embedding moves 11x as far per step as under tuned SP, the hidden matrices 2.8x.
 - hidden_init_as_sp: µP with SP's init of the hidden matrices (sigma, not sigma / sqrt(m)).
 
+- all_as_sp, sp_but_mup_*: see AS_SP below (SP rebuilt from µP, then one ingredient returned).
+
 Runs go seed by seed, the variants in the order listed (the most telling first).
 """
 
@@ -53,6 +55,22 @@ VARIANTS = {
     'readout_as_sp': ({'parametrization.name': 'mup',
                        'parametrization.output_mult': _OUTPUT_MULT * _M}, [-13, -12, -11]),
 }
+# SP at width 128, written as µP: at µP's LR 4 x SP's (so the hidden matrices and the readout
+# move as under SP) µP differs from SP only in these, so `all_as_sp` at LR 2^-6.5 must give
+# SP's runs at 2^-8.5 (Adam's epsilon aside, and gradient clipping, whose global norm sees
+# differently scaled gradients): a check that the list of differences is complete. Each
+# `sp_but_*` gives one µP ingredient back to that SP, at that one LR, to find what µP loses by.
+AS_SP = {'parametrization.role_lr_mult.embedding': 1 / _M, 'parametrization.role_lr_mult.vector': 1 / _M,
+         'parametrization.role_init_mult.hidden': math.sqrt(_M),
+         'parametrization.base_head_dim': WIDTH // 4, 'parametrization.scale_eps': False}
+AS_SP_LRS = [-14, -13, -12]
+VARIANTS.update({'all_as_sp': ({'parametrization.name': 'mup', **AS_SP}, AS_SP_LRS)})
+for _key, _label in (('parametrization.role_lr_mult.embedding', 'embedding_lr'),
+                     ('parametrization.role_init_mult.hidden', 'hidden_init'),
+                     ('parametrization.base_head_dim', 'attention'),
+                     ('parametrization.role_lr_mult.vector', 'vector_lr')):
+    VARIANTS[f'sp_but_mup_{_label}'] = (
+        {'parametrization.name': 'mup', **{k: v for k, v in AS_SP.items() if k != _key}}, [-13])
 REFERENCES = ('mup', 'sp')   # the µP being explained and the SP it lost to
 
 

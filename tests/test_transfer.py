@@ -129,3 +129,17 @@ def test_a_size_still_filling_its_grid_is_left_out():
     assert result['in_progress'] == [{'variant': 'mup', 'steps': 1000, 'size': 128, 'lrs_run': 3}]
     assert result['groups'][0]['sizes'] == [32, 64]
     assert 'In progress' in transfer.markdown(result)
+
+
+def test_sp_tuned_with_its_lr_held_out_is_scored_per_seed_on_the_others_choice():
+    g = transfer.Grid(seeds=(0, 1, 2), lrs=(0.001, 0.002, 0.004),
+                      loss_SL=np.array([[1.0, 2.0, 3.0],    # seed 0 alone prefers the first LR
+                                        [3.0, 1.0, 2.0],
+                                        [3.0, 1.0, 2.0]]))
+    # Seed 0 is scored at the LR the others prefer (0.002); seeds 1 and 2 at the mean of the
+    # other two, where 0.002 still wins (1.5 vs 2.0).
+    assert transfer._held_out_best(g) == {0: 2.0, 1: 1.0, 2: 1.0}
+    result = transfer.report(_rows({'mup': 0.0, 'sp': -1.0}), n_boot=50)
+    against = [v for v in result['verdicts'] if 'difference' in v][0]
+    assert against['difference_sp_held_out']['seeds'] == 3
+    assert 'LR held out' in transfer.markdown(result)

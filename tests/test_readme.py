@@ -183,10 +183,17 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py '
     '--workdir=docs/mutransfer/width_sweep --parallel=2': Check(
         'run', 'mutransfer', flags=('--dry_run',), devices=1,
-        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='294 runs'),
+        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='345 runs'),
     'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
         'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
         expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),
+    'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_ablation.py '
+    '--workdir=docs/mutransfer/ablation_sweep --parallel=2 --reuse_from=docs/mutransfer/width_sweep': Check(
+        'run', 'mutransfer', flags=('--dry_run',), devices=1,
+        replace=(('docs/mutransfer/ablation_sweep', 'runs/ablation_sweep'),), output='109 runs'),
+    'python -m pretrain.study.ablation --sweep=configs/sweeps/mutransfer_ablation.py '
+    '--sweep_dir=docs/mutransfer/ablation_sweep': Check(
+        'run', 'mutransfer', flags=('--out=runs/ablation',), expect=('runs/ablation/ablation.md',)),
     # ---- Muon vs AdamW: the sweep listed, the verdicts computed from the committed results.
     'python -m pretrain.sweep --sweep=configs/sweeps/optimizers.py '
     '--workdir=docs/optimizers/sweep --parallel=1': Check(

@@ -190,7 +190,7 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_ablation.py '
     '--workdir=docs/mutransfer/ablation_sweep --parallel=2 --reuse_from=docs/mutransfer/width_sweep': Check(
         'run', 'mutransfer', flags=('--dry_run',), devices=1,
-        replace=(('docs/mutransfer/ablation_sweep', 'runs/ablation_sweep'),), output='109 runs'),
+        replace=(('docs/mutransfer/ablation_sweep', 'runs/ablation_sweep'),), output='118 runs'),
     'python -m pretrain.study.ablation --sweep=configs/sweeps/mutransfer_ablation.py '
     '--sweep_dir=docs/mutransfer/ablation_sweep': Check(
         'run', 'mutransfer', flags=('--out=runs/ablation',), expect=('runs/ablation/ablation.md',)),

@@ -71,6 +71,10 @@ for _key, _label in (('parametrization.role_lr_mult.embedding', 'embedding_lr'),
                      ('parametrization.role_lr_mult.vector', 'vector_lr')):
     VARIANTS[f'sp_but_mup_{_label}'] = (
         {'parametrization.name': 'mup', **{k: v for k, v in AS_SP.items() if k != _key}}, [-13])
+# The two that hurt SP most when given back (embedding LR, hidden init), taken from SP together.
+VARIANTS['embedding_lr_and_hidden_init_as_sp'] = (
+    {'parametrization.name': 'mup', 'parametrization.role_lr_mult.embedding': 1 / _M,
+     'parametrization.role_init_mult.hidden': math.sqrt(_M)}, [-13, -12, -11])
 REFERENCES = ('mup', 'sp')   # the µP being explained and the SP it lost to
 
 

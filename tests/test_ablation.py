@@ -80,3 +80,20 @@ def test_command_line_on_the_real_sweep_file(tmp_path):
     assert done.returncode == 0, done.stderr
     text = (tmp_path / 'ablation.md').read_text()
     assert all(f'| {label} |' in text for label in mutransfer_ablation.VARIANTS)
+
+
+def test_base_check_compares_at_the_best_shared_lr_paired_by_seed():
+    from experiments import mutransfer_base_check as base_check
+    from pretrain.study.transfer import Grid
+    tuned = Grid((0, 1, 2), (0.01, 0.02, 0.04), np.array([[1.60, 1.58, 1.61],
+                                                          [1.62, 1.60, 1.63],
+                                                          [1.61, 1.59, 1.62]]))
+    rebased = Grid((0, 1, 2), (0.02, 0.04, 0.08), np.array([[1.57, 1.56, 1.70],
+                                                            [1.59, 1.58, 1.70],
+                                                            [1.58, 1.57, 1.70]]))
+    result = base_check.compare(tuned, rebased)
+    assert result['shared_lrs'] == [0.02, 0.04]    # 0.08 was not run by the tuned base
+    assert result['best']['tuned']['lr'] == 0.02 and result['best']['rebased']['lr'] == 0.04
+    assert result['difference']['mean'] == pytest.approx(-0.02)
+    assert result['verdict'] == 'rebased better'
+    assert 'rebased better' in base_check.markdown(result, 'title')

@@ -1,6 +1,7 @@
 """µTransfer verdicts on synthetic sweeps whose optimum, drift and gaps are known by construction."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -143,3 +144,10 @@ def test_sp_tuned_with_its_lr_held_out_is_scored_per_seed_on_the_others_choice()
     against = [v for v in result['verdicts'] if 'difference' in v][0]
     assert against['difference_sp_held_out']['seeds'] == 3
     assert 'LR held out' in transfer.markdown(result)
+
+
+def test_a_sweep_with_no_size_past_its_lr_floor_reports_and_plots_without_failing(tmp_path):
+    rows = _rows({'mup': 0.0}, ks=range(-15, -12))   # 3 LRs per size: every size in progress
+    paths = transfer.write_report(rows, str(tmp_path), 'width', n_boot=10)
+    assert 'In progress' in open(paths[1]).read()
+    assert os.path.getsize(paths[2]) > 0

@@ -413,6 +413,13 @@ def plot(rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any], path: str
 
     by_group = grids(rows, result['axis'])
     panels = [(g['variant'], g['steps']) for g in result['groups']]
+    if not panels:   # every size still filling its LR grid: say so rather than fail
+        fig, ax = plt.subplots(figsize=(4.5, 1.5))
+        ax.axis('off')
+        ax.text(0.5, 0.5, f'no size has {MIN_LRS} LRs yet', ha='center', va='center')
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (variant, steps), entry in zip(axes[0], panels, result['groups']):
         for (v, s, size), g in by_group.items():

@@ -18,9 +18,6 @@ from absl import app, flags
 
 from pretrain.study import transfer
 
-_WIDTH_SWEEP = flags.DEFINE_string('width_sweep', 'docs/mutransfer/width_sweep', 'The tuned base.')
-_REBASED = flags.DEFINE_string('rebased_sweep', 'docs/mutransfer/rebased_sweep', 'The rebased one.')
-_OUT = flags.DEFINE_string('out', '', 'Where base_check.md goes; default the rebased sweep.')
 BASE_WIDTH, STEPS = 32, 1000
 
 
@@ -62,15 +59,16 @@ def markdown(result: dict, title: str) -> str:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    base = compare(_grid(_WIDTH_SWEEP.value, 'mup', BASE_WIDTH), _grid(_REBASED.value, 'mup', BASE_WIDTH))
-    large = compare(_grid(_REBASED.value, 'sp', LARGE_WIDTH), _grid(_REBASED.value, 'mup', LARGE_WIDTH),
+    f = flags.FLAGS   # defined below, only when run as a script (tests import this module)
+    base = compare(_grid(f.width_sweep, 'mup', BASE_WIDTH), _grid(f.rebased_sweep, 'mup', BASE_WIDTH))
+    large = compare(_grid(f.rebased_sweep, 'sp', LARGE_WIDTH), _grid(f.rebased_sweep, 'mup', LARGE_WIDTH),
                     names=('sp', 'mup'), shared_only=False)
     shared = ', '.join(format(x, '.3g') for x in base['shared_lrs'])
     text = (markdown(base, f'At the base width {BASE_WIDTH} (µP = SP), each base at its best of the '
                            f'LRs both ran ({shared}):')
             + '\n' + markdown(large, f'At width {LARGE_WIDTH} from the rebased base, each at its best '
                                       'LR of its own grid:'))
-    out = os.path.join(_OUT.value or _REBASED.value, 'base_check.md')
+    out = os.path.join(f.out or f.rebased_sweep, 'base_check.md')
     with open(out, 'w') as f:
         f.write(text)
     print(text, end='')
@@ -78,4 +76,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+    flags.DEFINE_string('width_sweep', 'docs/mutransfer/width_sweep', 'The tuned base.')
+    flags.DEFINE_string('rebased_sweep', 'docs/mutransfer/rebased_sweep', 'The rebased one.')
+    flags.DEFINE_string('out', '', 'Where base_check.md goes; default the rebased sweep.')
     app.run(main)

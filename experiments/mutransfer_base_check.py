@@ -18,10 +18,7 @@ from absl import app, flags
 
 from pretrain.study import transfer
 
-BASE_WIDTH, STEPS = 32, 1000
-
-
-LARGE_WIDTH = 128
+BASE_WIDTH, LARGE_WIDTH, STEPS = 32, 128, 1000
 
 
 def _grid(sweep_dir: str, variant: str, width: int) -> transfer.Grid:
@@ -41,9 +38,7 @@ def compare(tuned: transfer.Grid, rebased: transfer.Grid, names=('tuned', 'rebas
                       'at_edge': lr in (min(g.lrs), max(g.lrs))}
     first, second = names
     diff = transfer.paired_difference(best[first]['by_seed'], best[second]['by_seed'])
-    low, high = diff['interval']
-    verdict = ('not shown' if diff['seeds'] < transfer.MIN_SEEDS else
-               f'{second} better' if high < 0 else f'{first} better' if low > 0 else 'no difference shown')
+    verdict = transfer.interval_verdict(diff, f'{second} better', f'{first} better', 'no difference shown')
     return {'shared_lrs': shared, 'best': best, 'difference': diff, 'verdict': verdict, 'names': names}
 
 
@@ -69,8 +64,8 @@ def main(argv: Sequence[str]) -> None:
             + '\n' + markdown(large, f'At width {LARGE_WIDTH} from the rebased base, each at its best '
                                       'LR of its own grid:'))
     out = os.path.join(f.out or f.rebased_sweep, 'base_check.md')
-    with open(out, 'w') as f:
-        f.write(text)
+    with open(out, 'w') as handle:
+        handle.write(text)
     print(text, end='')
     print(f'wrote {out}')
 

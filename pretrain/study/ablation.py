@@ -21,7 +21,6 @@ so every entry shares the same small optimism; a variant whose best LR is at its
 flagged, since its true optimum may be better still.
 """
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -54,31 +53,16 @@ def grids(rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Any]) -> dic
             continue
         loss = math.inf if r['status'] == 'diverged' or r.get('final_loss') is None else float(r['final_loss'])
         cells.setdefault(label, {})[(int(r['point']['seed']), float(r['point']['optim.lr']))] = loss
-    out = {}
-    for label, values in cells.items():
-        seeds = tuple(sorted({s for s, _ in values}))
-        lrs = tuple(sorted({lr for _, lr in values}))
-        loss_SL = np.full((len(seeds), len(lrs)), np.nan)
-        for (s, lr), v in values.items():
-            loss_SL[seeds.index(s), lrs.index(lr)] = v
-        out[label] = transfer.Grid(seeds, lrs, loss_SL)
-    return out
+    return {label: transfer.grid_from_cells(values) for label, values in cells.items()}
 
 
 def best(g: transfer.Grid) -> dict[str, Any]:
     """The grid LR with the lowest seed-averaged loss, and the loss there per seed."""
     mean = g.mean_over(np.arange(len(g.seeds)))
-    j = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
+    j = transfer._best_column(g, np.arange(len(g.seeds)))
     return {'lr': g.lrs[j], 'mean_loss': float(mean[j]), 'at_edge': j in (0, len(g.lrs) - 1),
             'seeds': len(g.seeds), 'by_seed': transfer._by_seed(g, g.lrs[j]),
             'curve': {lr: float(x) for lr, x in zip(g.lrs, mean)}}
-
-
-def _against(diff: Mapping[str, Any], better: str, worse: str, neither: str) -> str:
-    low, high = diff['interval']
-    if diff['seeds'] < transfer.MIN_SEEDS or not (math.isfinite(low) and math.isfinite(high)):
-        return 'not shown'
-    return better if high < 0 else worse if low > 0 else neither
 
 
 def report(rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Any],
@@ -101,10 +85,11 @@ def report(rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Any],
         out['comparisons'].append({
             'variant': label, f'minus_{explained}': vs_explained, f'minus_{competitor}': vs_competitor,
             'gap_closed': closed,
-            f'verdict_vs_{explained}': _against(vs_explained, f'better than {explained}', 'worse',
-                                                'no difference shown'),
-            f'verdict_vs_{competitor}': _against(vs_competitor, f'better than {competitor}',
-                                                 f'still worse than {competitor}', 'not distinguishable')})
+            f'verdict_vs_{explained}': transfer.interval_verdict(
+                vs_explained, f'better than {explained}', 'worse', 'no difference shown'),
+            f'verdict_vs_{competitor}': transfer.interval_verdict(
+                vs_competitor, f'better than {competitor}', f'still worse than {competitor}',
+                'not distinguishable')})
     return out
 
 

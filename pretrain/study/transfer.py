@@ -90,15 +90,17 @@ def grids(rows: Sequence[Mapping[str, Any]], axis: str) -> dict[tuple[str, int, 
         group = (variant_of(c), int(c['train']['steps']), int(c[key_of_size[0]][key_of_size[1]]))
         loss = math.inf if r['status'] == 'diverged' or r.get('final_loss') is None else float(r['final_loss'])
         cells.setdefault(group, {})[(int(c['seed']), float(c['optim']['lr']))] = loss
-    out = {}
-    for group, values in sorted(cells.items()):
-        seeds = tuple(sorted({s for s, _ in values}))
-        lrs = tuple(sorted({lr for _, lr in values}))
-        loss_SL = np.full((len(seeds), len(lrs)), np.nan)
-        for (s, lr), v in values.items():
-            loss_SL[seeds.index(s), lrs.index(lr)] = v
-        out[group] = Grid(seeds, lrs, loss_SL)
-    return out
+    return {group: grid_from_cells(values) for group, values in sorted(cells.items())}
+
+
+def grid_from_cells(values: Mapping[tuple[int, float], float]) -> Grid:
+    """{(seed, lr): loss} -> a Grid (NaN where a (seed, lr) was not run)."""
+    seeds = tuple(sorted({s for s, _ in values}))
+    lrs = tuple(sorted({lr for _, lr in values}))
+    loss_SL = np.full((len(seeds), len(lrs)), np.nan)
+    for (s, lr), v in values.items():
+        loss_SL[seeds.index(s), lrs.index(lr)] = v
+    return Grid(seeds, lrs, loss_SL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +207,15 @@ def noise_floor(group_grids: Mapping[int, Grid]) -> float:
             if col.size >= 2:
                 stds.append(float(col.std(ddof=1)))
     return float(np.median(stds)) if stds else math.nan
+
+
+def interval_verdict(diff: Mapping[str, Any], below: str, above: str, neither: str) -> str:
+    """A paired difference's verdict: `below` when its 95% interval is under 0, `above` when
+    over, `neither` when it holds 0; 'not shown' from too few seeds or a non-finite interval."""
+    low, high = diff['interval']
+    if diff['seeds'] < MIN_SEEDS or not (math.isfinite(low) and math.isfinite(high)):
+        return 'not shown'
+    return below if high < 0 else above if low > 0 else neither
 
 
 def _verdict(met: bool | None) -> str:

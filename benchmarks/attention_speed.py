@@ -490,6 +490,8 @@ def main(argv: list[str] | None = None) -> dict:
             new = {(r['seq_len'], r['batch']) for r in result.get('speed', [])}
             result['speed'] = [r for r in earlier.get('speed', [])
                                if (r['seq_len'], r['batch']) not in new] + result.get('speed', [])
+            if 'long' not in result and 'long' in earlier:   # a speed-only rerun keeps it
+                result['long'], result['long_lengths'] = earlier['long'], earlier['long_lengths']
             result['command'] = f'{earlier["command"]}`, then `{result["command"]}'
             result['loads'] = earlier['loads'] + result['loads']
             result['minutes'] += earlier['minutes']

@@ -56,14 +56,17 @@ class TrainLoop:
                         preempted = True
                         break
                     log, save, stop = self.decide()
-                    if log or save:   # never log or save a step before knowing it was finite
+                    evaluate = train_cfg.eval_every and (self.step % train_cfg.eval_every == 0
+                                                         or self.step == train_cfg.steps)
+                    # Never log, evaluate or save a step before knowing it was finite: under
+                    # nonfinite_policy='stop' the state of a flagged step is not rolled back.
+                    if log or save or evaluate:
                         self.check_pending()
                     if log:
                         self.log(metrics)
                     # Evaluate before saving: whenever checkpoint N exists, so does the eval row
                     # of step N (a resume starts after N and would never write it).
-                    if train_cfg.eval_every and (self.step % train_cfg.eval_every == 0
-                                                 or self.step == train_cfg.steps):
+                    if evaluate:
                         self.evaluate()
                     if save:
                         self.save()

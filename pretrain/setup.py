@@ -178,7 +178,8 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         rates = optim.applied_rates(cfg.optim, traced_schedule, definition, parametrization,
                                     peak=levels['peak'])
         step = step_lib.make_train_step(family.loss, definition, tx, traced_schedule,
-                                        cfg.train.grad_accum_steps, rates)
+                                        cfg.train.grad_accum_steps, rates,
+                                        cfg.train.nonfinite_policy == 'skip')
         return step(state, batch)
 
     with mesh_lib.activate(mesh, rules):

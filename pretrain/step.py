@@ -44,7 +44,8 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    rates: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
+                    rates: Callable[[jax.Array], dict[str, jax.Array]] | None = None,
+                    keep_previous_on_nonfinite: bool = True):
     """(state, batch) -> (state, metrics). Gradients are averaged over micro-batches in float32.
 
     `rates(step)` adds the applied LR and weight decay per parameter group to the metrics.
@@ -52,8 +53,12 @@ def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTr
     metrics['nonfinite'] is non-zero when the step must not be applied: bit 1 (NONFINITE_GRADS)
     when the loss or the gradient norm was NaN/inf, bit 2 (NONFINITE_STATE) when the updated
     parameters or optimizer state hold a NaN/inf (e.g. an overflowing update from finite
-    gradients). The returned state then holds the previous params and optimizer state, so a
-    non-finite state is never carried forward, let alone saved.
+    gradients). With `keep_previous_on_nonfinite` (train.nonfinite_policy='skip') the returned
+    state then holds the previous params and optimizer state, so a non-finite state is never
+    carried forward. Without it ('stop') the new state is returned as it is: the loop reads the
+    flag before it logs, evaluates or saves anything after that step and stops there, so the
+    state is never used; leaving out the select over every parameter and optimizer-state entry
+    saves a read of both states per step.
     """
 
     def loss_of_params(params, batch):
@@ -93,14 +98,17 @@ def make_train_step(loss_fn: Callable, model_def: ModelDef, tx: optax.GradientTr
         # overflows while every entry is finite. It fuses with the update that writes them.
         state_ok = jnp.isfinite(new_param_norm) & _all_finite(opt_state)
         finite = grads_ok & state_ok
-        # A bad step keeps the old params and optimizer state; the select fuses into the update
-        # kernels, so it adds little memory traffic. The step counter still advances (the
-        # batch was consumed). The caller decides whether to go on ('skip') or stop.
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (new_params, opt_state), (state.params, state.opt_state))
-        # The old params' norm is computed only on a rejected step (a real branch on device).
-        param_norm = jax.lax.cond(finite, lambda: new_param_norm,
-                                  lambda: optax.tree.norm(state.params))
+        if keep_previous_on_nonfinite:
+            # A bad step keeps the old params and optimizer state. The step counter still
+            # advances (the batch was consumed); the caller decides whether to go on.
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (new_params, opt_state),
+                                             (state.params, state.opt_state))
+            # The old params' norm is computed only on a rejected step (a real branch on device).
+            param_norm = jax.lax.cond(finite, lambda: new_param_norm,
+                                      lambda: optax.tree.norm(state.params))
+        else:
+            params, param_norm = new_params, new_param_norm
         nonfinite = (jnp.where(grads_ok, 0, NONFINITE_GRADS)
                      | jnp.where(state_ok, 0, NONFINITE_STATE)).astype(jnp.int32)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),

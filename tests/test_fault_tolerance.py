@@ -299,8 +299,10 @@ def test_nonfinite_skip_keeps_params_and_counts(tmp_path, monkeypatch):
 
 
 def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    # Step 5 is evaluated but neither logged nor saved: under 'stop' the step does not roll
+    # its state back, so the flag must be read before the evaluation too.
     _poison(monkeypatch, bad_step=5)
-    c = tiny_config(steps=6, nonfinite_policy='stop')
+    c = tiny_config(steps=6, nonfinite_policy='stop', log_every=2, eval_every=5)
     c.checkpoint.update(every_steps=2, async_save=True)
     with pytest.raises(NonFiniteError, match='at step 5') as err:
         train.run(c, str(tmp_path))
@@ -308,6 +310,8 @@ def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path, monkeypatc
     assert err.value.step == 5 and err.value.checkpoint == str(ckpt_dir / '4')
     assert f'Last good checkpoint: {ckpt_dir / "4"} (step 4)' in str(err.value)
     assert sorted(os.listdir(ckpt_dir)) == ['2', '4']   # the bad state was not saved
+    rows = read_metrics(str(tmp_path / 'metrics.jsonl'))
+    assert [(r['split'], r['step']) for r in rows] == [('train', 2), ('train', 4)]
     assert not isinstance(err.value, ConfigError)
 
 

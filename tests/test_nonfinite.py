@@ -39,11 +39,12 @@ def _poke_at(step_to_poke: int, *, updates_by=1.0, state_to=0.0):
     return optax.GradientTransformation(init, update)
 
 
-def _run(tx, steps=3):
+def _run(tx, steps=3, keep_previous=True):
     params = {'w': jnp.ones(4)}
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                        rng=jnp.zeros(2, jnp.uint32))
-    train_step = jax.jit(step_lib.make_train_step(_loss, IDENTITY, tx, lambda s: jnp.float32(0.1)))
+    train_step = jax.jit(step_lib.make_train_step(_loss, IDENTITY, tx, lambda s: jnp.float32(0.1),
+                                                  keep_previous_on_nonfinite=keep_previous))
     batch = {'x': jnp.arange(4.0)}
     out = []
     for _ in range(steps):
@@ -63,6 +64,15 @@ def test_inf_parameters_from_finite_gradients_are_flagged_and_not_applied():
     np.testing.assert_array_equal(after.params['w'], before.params['w'])
     assert metrics['param_norm'] == pytest.approx(float(jnp.linalg.norm(before.params['w'])))
     assert int(after.step) == 2   # the batch was consumed
+
+
+def test_stop_policy_flags_without_rolling_back():
+    # nonfinite_policy='stop' leaves out the select: the flag is the same, the state is not
+    # restored (the loop stops before it uses it).
+    tx = optax.chain(optax.sgd(0.1), _poke_at(1, updates_by=jnp.inf))
+    steps = _run(tx, steps=2, keep_previous=False)
+    assert [int(m['nonfinite']) for _, _, m in steps] == [0, step_lib.NONFINITE_STATE]
+    assert not np.isfinite(np.asarray(steps[1][1].params['w'])).all()
 
 
 def test_inf_optimizer_state_with_finite_updates_is_flagged():

@@ -14,6 +14,7 @@ import jax
 
 from pretrain import setup as setup_lib
 from pretrain import tpu
+from pretrain.errors import DoesNotFitError
 
 
 def report(setup: setup_lib.Setup, topology: str = '', num_slices: int = 1,
@@ -31,6 +32,10 @@ def report(setup: setup_lib.Setup, topology: str = '', num_slices: int = 1,
             start = time.perf_counter()
             compiled = setup.train_step.lower(setup.restore_target(), setup.abstract_batch()).compile()
             compile_s = time.perf_counter() - start
+    except Exception as e:
+        if device.platform == 'tpu' and 'RESOURCE_EXHAUSTED' in str(e):
+            raise _does_not_fit(setup, topology or device.device_kind, str(e)) from None
+        raise
     finally:
         jax.config.update('jax_enable_compilation_cache', cache_was_on)
     memory = compiled.memory_analysis()
@@ -73,3 +78,14 @@ def describe(family_name: str, result: dict[str, Any]) -> str:
             f'{gib(result["output_bytes"])} (aliased to donated arguments '
             f'{gib(result["alias_bytes"])}), temporaries {gib(result["temp_bytes"])}; '
             f'total {gib(result["total_bytes"])}')
+
+
+def _does_not_fit(setup: setup_lib.Setup, where: str, error: str) -> DoesNotFitError:
+    """The TPU compiler's out-of-memory refusal as an answer: what was tried and what to try."""
+    line = error.splitlines()[0].strip()
+    cfg = setup.cfg
+    return DoesNotFitError(
+        f'the train step does not fit {where}: {line} (model.remat={cfg.model.remat!r}, '
+        f'train.grad_accum_steps={cfg.train.grad_accum_steps}, mesh {dict(setup.mesh.shape)}). '
+        f'python -m pretrain.tpu_fit --config=CONFIG --topology={where} tries the remat policies '
+        'and micro-batch counts.', compiler_message=line)

@@ -36,3 +36,15 @@ class NonFiniteError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be restored (all damaged); not a config error."""
+
+
+class DoesNotFitError(RuntimeError):
+    """The TPU compiler refused the train step: it needs more HBM per chip than the chip has.
+
+    An answer of a dry run (--dry_run_topology), not a crash: `compiler_message` is the
+    compiler's own line (the memory it needed and had).
+    """
+
+    def __init__(self, message: str, compiler_message: str):
+        super().__init__(message)
+        self.compiler_message = compiler_message

@@ -30,7 +30,7 @@ from pretrain import cli_errors
 from pretrain import config as config_lib
 from pretrain import dry_run, logs, tpu
 from pretrain import setup as setup_lib
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, DoesNotFitError
 from pretrain.registry import Registry
 
 REMAT_ORDER = ('none', 'dots', 'full')   # cheapest in compute first
@@ -61,7 +61,9 @@ def _compile(config: ml_collections.ConfigDict, devices: list[jax.Device], remat
         candidate.result = dry_run.report(setup, quiet=True)
     except ConfigError as e:
         candidate.error = f'config: {e}'
-    except Exception as e:   # the TPU compiler refuses a program that cannot fit in HBM
+    except DoesNotFitError as e:   # the TPU compiler refused a program that cannot fit in HBM
+        candidate.error = f'compiler: {e.compiler_message[:300]}'
+    except Exception as e:   # any other compiler refusal is an answer for this candidate too
         candidate.error = f'compiler: {str(e).splitlines()[0][:300]}'
     return candidate
 

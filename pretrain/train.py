@@ -40,7 +40,7 @@ from pretrain import schedules
 from pretrain import setup as setup_lib
 from pretrain import start as start_lib
 from pretrain import tpu as tpu_lib
-from pretrain.errors import CheckpointError, ConfigError, NonFiniteError
+from pretrain.errors import CheckpointError, ConfigError, DoesNotFitError, NonFiniteError
 from pretrain.registry import Registry
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -165,6 +165,8 @@ def main(argv) -> None:
             raise SystemExit(f'stopped: {e}') from None
         except CheckpointError as e:
             raise SystemExit(f'checkpoint error: {e}') from None
+        except DoesNotFitError as e:
+            raise SystemExit(f'dry run: {e}') from None
     if result.get('preempted'):
         raise SystemExit(preemption.EXIT_PREEMPTED)
 

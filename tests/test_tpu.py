@@ -179,6 +179,19 @@ def test_the_cli_prints_the_fit_and_the_advisor_picks_the_fastest_fit(tmp_path):
 
 @pytest.mark.tpu
 @needs_libtpu
+def test_a_step_that_does_not_fit_is_an_answer_not_a_traceback():
+    # 4096 sequences of 4096 tokens on 4 chips: the attention scores alone are terabytes.
+    big = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.n_layers=1',
+           '--config.data.seq_len=4096', '--config.train.global_batch_size=4096']
+    out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--dry_run',
+               '--dry_run_topology=v5e:2x2', *big)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert 'the train step does not fit v5e:2x2: RESOURCE_EXHAUSTED' in out.stderr
+    assert "model.remat='none'" in out.stderr and 'pretrain.tpu_fit' in out.stderr
+
+
+@pytest.mark.tpu
+@needs_libtpu
 @pytest.mark.parametrize('family', ['transformer', 'var'])
 def test_splash_attention_compiles_to_the_tpu_kernel_forward_and_backward(family):
     c = FAMILY_CONFIGS[family]()

@@ -183,7 +183,7 @@ CHECKS: dict[str, Check] = {
     'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py '
     '--workdir=docs/mutransfer/width_sweep --parallel=2': Check(
         'run', 'mutransfer', flags=('--dry_run',), devices=1,
-        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='345 runs'),
+        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='336 runs'),
     'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
         'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
         expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),

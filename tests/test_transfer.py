@@ -127,9 +127,25 @@ def test_a_size_still_filling_its_grid_is_left_out():
     rows = [r for r in rows if not (r['config']['model']['d_model'] == 128
                                     and r['config']['optim']['lr'] > 2.0 ** -9)]   # 3 LRs so far
     result = transfer.report(rows, n_boot=50)
-    assert result['in_progress'] == [{'variant': 'mup', 'steps': 1000, 'size': 128, 'lrs_run': 3}]
+    assert result['in_progress'] == [{'variant': 'mup', 'steps': 1000, 'size': 128, 'seeds_run': 3,
+                                      'lrs_run': 3}]
     assert result['groups'][0]['sizes'] == [32, 64]
     assert 'In progress' in transfer.markdown(result)
+
+
+def test_a_size_with_fewer_seeds_or_lrs_some_seeds_lack_is_left_out():
+    """The widest size with one seed so far waits for the others; an LR run by one seed only is
+    not compared with means over three (it would look better or worse by its seed alone)."""
+    rows = _rows({'mup': 0.0}, sizes=(32, 64, 128))
+    rows = [r for r in rows if not (r['config']['model']['d_model'] == 128 and r['config']['seed'] > 0)]
+    lucky = {'status': 'done', 'final_loss': 0.0, 'name': 'lucky', 'point': {},
+             'config': {**rows[0]['config'], 'optim': {'lr': 2.0 ** -3, 'name': 'adamw'}}}
+    result = transfer.report(rows + [lucky], n_boot=50)
+    assert result['in_progress'] == [{'variant': 'mup', 'steps': 1000, 'size': 128, 'seeds_run': 1,
+                                      'lrs_run': 11}]
+    group = result['groups'][0]
+    assert group['sizes'] == [32, 64]
+    assert group['drift']['optima'][32]['log2_lr'] == pytest.approx(-7.0, abs=0.1)   # not 2^-3
 
 
 def test_sp_tuned_with_its_lr_held_out_is_scored_per_seed_on_the_others_choice():

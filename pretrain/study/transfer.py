@@ -103,6 +103,12 @@ def grid_from_cells(values: Mapping[tuple[int, float], float]) -> Grid:
     return Grid(seeds, lrs, loss_SL)
 
 
+def every_seed_ran(g: Grid) -> Grid:
+    """The grid with only the LRs that every seed has run."""
+    keep = [j for j in range(len(g.lrs)) if not np.isnan(g.loss_SL[:, j]).any()]
+    return Grid(g.seeds, tuple(g.lrs[j] for j in keep), g.loss_SL[:, keep])
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimum:
     log2_lr: float
@@ -231,10 +237,18 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
         families.setdefault((variant, steps), {})[size] = g
     out: dict[str, Any] = {'axis': axis, 'groups': [], 'verdicts': [], 'in_progress': []}
     for (variant, steps), group_grids in sorted(families.items()):
-        # A size whose LR grid is still being filled would move the optimum and the common LRs.
-        for size in [z for z, g in group_grids.items() if len(g.lrs) < MIN_LRS]:
-            out['in_progress'].append({'variant': variant, 'steps': steps, 'size': size,
-                                       'lrs_run': len(group_grids.pop(size).lrs)})
+        # An LR that only some seeds have run would be a mean over fewer seeds than its
+        # neighbours (and a different bootstrap); a size whose grid or seeds are still being
+        # filled would move the optimum and the common LRs. Both are left out until complete.
+        most_seeds = max(len(g.seeds) for g in group_grids.values())
+        for size, g in list(group_grids.items()):
+            complete = every_seed_ran(g)
+            if len(g.seeds) < most_seeds or len(complete.lrs) < MIN_LRS:
+                del group_grids[size]
+                out['in_progress'].append({'variant': variant, 'steps': steps, 'size': size,
+                                           'seeds_run': len(g.seeds), 'lrs_run': len(complete.lrs)})
+            else:
+                group_grids[size] = complete
         if not group_grids:
             continue
         sizes = sorted(group_grids)
@@ -395,9 +409,10 @@ def markdown(result: Mapping[str, Any]) -> str:
             lines.append(f'| {g["variant"]} | {g["steps"]} | {x["from"]} -> {x["to"]} | {x["mean"]:+.4f} | '
                          f'{_fmt_interval(x["interval"])} | {x["seeds"]} |')
     if result.get('in_progress'):
-        lines += ['', f'In progress, left out until at least {MIN_LRS} LRs have run: ' + ', '.join(
-            f'{x["variant"]} {axis} {x["size"]} ({x["steps"]} steps, {x["lrs_run"]} LRs)'
-            for x in result['in_progress']) + '.']
+        lines += ['', f'In progress, left out until every seed has run at least {MIN_LRS} LRs: '
+                  + ', '.join(f'{x["variant"]} {axis} {x["size"]} ({x["steps"]} steps, '
+                              f'{x["seeds_run"]} seeds, {x["lrs_run"]} LRs run by all of them)'
+                              for x in result['in_progress']) + '.']
     against = [v for v in result['verdicts'] if 'difference' in v]
     if against:
         lines += ['', 'At the largest size, mup-like (transferred LR) minus SP tuned there, paired by seed '

@@ -62,6 +62,7 @@ def reestimate(advice: dict[str, Any]) -> dict[str, Any]:
     chip = tpu.parse(advice['topology'])[0]
     for c in advice['candidates']:
         if 'dry_run' in c:
+            c['dry_run'].setdefault('grad_accum_steps', c['grad_accum'])   # saved before it was
             c['dry_run']['tpu'] = tpu.estimate(c['dry_run'], chip, advice['devices'])
     fitting = [c for c in advice['candidates'] if c['fits'] and 'dry_run' in c]
     advice['best'] = min(fitting, key=lambda c: c['dry_run']['tpu']['step_s'], default=None)
@@ -113,7 +114,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         'slice. HBM is the compiler\'s per-chip memory analysis (arguments + outputs - aliased +',
         'temporaries) against the chip\'s published capacity. Step time and MFU are a **roofline',
         'estimate**: max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth) per chip, with',
-        'collectives, host input and imperfect overlap left out, so real MFU is lower. The advisor',
+        'collectives, host input and imperfect overlap left out, so real MFU is lower. XLA counts',
+        'the body of the micro-batch loop once, so with micro-batches its counts are multiplied',
+        'by their number (before this was done, rows with micro-batches read up to 8x too fast).',
+        'The advisor',
         '(`python -m pretrain.tpu_fit`) tries remat none -> dots -> full and 1 -> 16 micro-batches,',
         'stopping each policy at its first fit (a policy with more recompute only with fewer',
         'micro-batches than a cheaper one already fits with), and picks the fastest fit by the',

@@ -53,6 +53,9 @@ def report(setup: setup_lib.Setup, topology: str = '', num_slices: int = 1,
         'temp_bytes': int(memory.temp_size_in_bytes),
         'xla_flops_per_device': float(cost.get('flops', float('nan'))),
         'xla_bytes_accessed_per_device': float(cost.get('bytes accessed', float('nan'))),
+        # XLA's cost analysis counts a loop's body once, so with micro-batches (a scan) its
+        # FLOPs and bytes cover one micro-batch; the estimate scales them by this.
+        'grad_accum_steps': int(setup.cfg.train.grad_accum_steps),
     }
     result['total_bytes'] = (result['argument_bytes'] + result['output_bytes']
                              - result['alias_bytes'] + result['temp_bytes'])
@@ -70,10 +73,14 @@ def describe(family_name: str, result: dict[str, Any]) -> str:
     def gib(size: int) -> str:
         return f'{size / 2**30:.3f} GiB'
 
+    accum = result.get('grad_accum_steps', 1)
+    per_loop = (f' (one of the {accum} micro-batches: XLA counts a loop body once)'
+                if accum > 1 else '')
     return (f'dry run: {family_name}, {result["params"]:,} params, mesh {result["mesh"]}, '
             f'compiled in {result["compile_s"]:.1f}s\n'
             f'  FLOPs per step (model): {result["flops_per_step"]:.4g}; XLA cost analysis: '
-            f'{result["xla_flops_per_device"]:.4g} per device\n'
+            f'{result["xla_flops_per_device"]:.4g} per device'
+            f'{per_loop}\n'
             f'  memory per device: arguments {gib(result["argument_bytes"])}, outputs '
             f'{gib(result["output_bytes"])} (aliased to donated arguments '
             f'{gib(result["alias_bytes"])}), temporaries {gib(result["temp_bytes"])}; '

@@ -132,10 +132,15 @@ def estimate(result: dict[str, Any], chip: Chip, num_devices: int) -> dict[str, 
     compute time (the larger of XLA's and the model's FLOPs / peak) and HBM time (XLA bytes accessed / bandwidth). Collectives,
     host input and overlap are not modelled, so this is an upper bound on speed."""
     model_flops = result['flops_per_step'] / num_devices
+    # XLA's cost analysis counts a while loop's body once, and micro-batches are a scan: the
+    # counts cover one micro-batch's forward and backward (its parameter gathers included) plus
+    # the update once. Scaling all of it by the trip count overcounts only the update, which
+    # moves a few bytes per parameter against the activations' gigabytes.
+    loops = result.get('grad_accum_steps', 1)
     # XLA's cost analysis does not see inside custom calls (the Pallas splash kernel), so its
     # count can fall below the model's own FLOPs; the step does at least the model's FLOPs.
-    flops = max(result['xla_flops_per_device'], model_flops)
-    accessed = result['xla_bytes_accessed_per_device']
+    flops = max(result['xla_flops_per_device'] * loops, model_flops)
+    accessed = result['xla_bytes_accessed_per_device'] * loops
     compute_s = flops / chip.peak_flops
     memory_s = accessed / chip.hbm_bytes_per_s
     step_s = max(compute_s, memory_s)

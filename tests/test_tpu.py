@@ -70,6 +70,13 @@ def test_the_roofline_estimate_by_hand():
     hidden = dict(result, xla_flops_per_device=197e12 * 0.002)
     e = tpu.estimate(hidden, chip, num_devices=4)
     assert e['step_s'] == pytest.approx(0.008) and e['mfu'] == pytest.approx(1.0)
+    # With micro-batches the step is a scan and XLA counts its body once: the counts are per
+    # micro-batch and the estimate multiplies them by the trip count.
+    looped = dict(result, grad_accum_steps=4, xla_flops_per_device=197e12 * 0.0025,
+                  xla_bytes_accessed_per_device=819e9 * 0.003)
+    e = tpu.estimate(looped, chip, num_devices=4)
+    assert e['hbm_s'] == pytest.approx(0.012) and e['compute_s'] == pytest.approx(0.010)
+    assert e['bound'] == 'memory' and e['mfu'] == pytest.approx(0.008 / 0.012)
 
 
 def test_cli_flag_misuse_is_a_usage_error():
@@ -145,6 +152,24 @@ def test_tpu_memory_sees_remat_where_the_cpu_compiler_does_not():
     none, full = _tpu_report(cfg('none')), _tpu_report(cfg('full'))
     assert full['temp_bytes'] < 0.7 * none['temp_bytes']
     assert full['xla_flops_per_device'] > none['xla_flops_per_device']   # the recomputation
+
+
+@pytest.mark.tpu
+@needs_libtpu
+def test_micro_batches_are_counted_once_by_xla_and_scaled_by_the_estimate():
+    """The TPU compiler's cost analysis counts the micro-batch scan's body once; without the
+    scaling, more micro-batches would look cheaper and the advisor would prefer them."""
+    def cfg(accum):
+        c = with_mesh(tiny_config(), data=4)
+        c.train.global_batch_size = 16
+        c.train.grad_accum_steps = accum
+        return c
+
+    one, four = _tpu_report(cfg(1)), _tpu_report(cfg(4))
+    assert four['grad_accum_steps'] == 4
+    assert four['xla_flops_per_device'] < 0.4 * one['xla_flops_per_device']
+    assert four['tpu']['compute_s'] == pytest.approx(one['tpu']['compute_s'], rel=0.2)
+    assert four['tpu']['hbm_s'] > 0.8 * one['tpu']['hbm_s']
 
 
 @pytest.mark.tpu

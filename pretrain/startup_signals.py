@@ -48,6 +48,19 @@ def uninstall() -> None:
     _previous.clear()
 
 
+def act_at_once() -> None:
+    """Gives SIGTERM and SIGINT their operating-system default: end the process now.
+
+    For runs that write nothing (a dry run): their compile can take minutes inside XLA, where a
+    Python-level handler (the recorder, or Python's own KeyboardInterrupt) runs only once the
+    compiler returns, so a stop would otherwise wait for the whole compile."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    uninstall()
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def received() -> str | None:
     """The name of the first signal recorded since install(), or None."""
     return _received[0] if _received else None

@@ -148,6 +148,8 @@ def main(argv) -> None:
             jax.config.update('jax_num_cpu_devices', _DRY_RUN_DEVICES.value)
     # A signal while importing or parsing the config: exit 75 before connecting to other processes.
     preemption.startup_signals.exit_if_received('the run started')
+    if _DRY_RUN.value:   # nothing to save: a stop signal during the compile ends it at once
+        preemption.startup_signals.act_at_once()
     try:
         if not _DRY_RUN_TOPOLOGY.value:   # compiling for abstract chips joins no job
             distributed.initialize_from_flags()

@@ -107,6 +107,17 @@ def test_sigterm_during_start_up_exits_75(phase, tmp_path):
     assert 'Traceback' not in out.stderr
 
 
+def test_a_dry_run_stops_at_the_first_signal_during_its_compile(tmp_path):
+    """A dry run saves nothing, so it does not wait for a long compile to finish before a stop
+    acts (the recorder would hold the signal until the compile returned)."""
+    wrapper = tmp_path / 'wrapper.py'
+    wrapper.write_text(_WRAPPER)
+    out = _run([sys.executable, str(wrapper), 'compile', 'SIGTERM', '--config=configs/lm_tiny.py',
+                '--dry_run'], tmp_path)
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr[-3000:])
+    assert 'dry run:' not in out.stdout
+
+
 @pytest.mark.slow
 def test_sigint_during_restore_exits_75_and_a_restart_finishes(tmp_path):
     workdir = tmp_path / 'run'

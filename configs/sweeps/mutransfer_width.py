@@ -37,8 +37,8 @@ EXTRA = {**{('mup', w): [-8, -7] for w in (64, 128, 256, 512)},
 # {(variant, width): [k, ...]}: where a run costs ~10 minutes, seeds 1-2 (and the rest of seed 0)
 # run only the 7 half-octave points around seed 0's optimum instead of the full grid plus extras:
 # µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5, SP's still fell at its lowest point,
-# 2^-11.5. Points seed 0 ran outside these stay in results.jsonl; the fit uses only the LRs every
-# seed of a width ran.
+# 2^-11.5. Runs seed 0 made outside these keep their folders under runs/ but leave results.jsonl
+# (it lists this sweep's points); the fit uses only the LRs every seed of a width ran.
 NARROW = {('mup', 512): list(range(-14, -7)), ('sp', 512): list(range(-25, -18))}
 
 

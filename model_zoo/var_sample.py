@@ -47,16 +47,20 @@ Choose = Callable[[int, jax.Array], jax.Array]   # (scale k, logits [B, n, V]) -
 Embed = Callable[[int, jax.Array], jax.Array]
 
 
+def scale_ratio(k: int, n_scales: int) -> float:
+    """k / (K - 1): 0 at the first scale, 1 at the last; guidance and the smooth sampler ramp by it."""
+    return k / max(n_scales - 1, 1)
+
+
 def smooth_tau(k: int, n_scales: int) -> float:
     """The Gumbel-softmax temperature at scale k: 0.27 at the first scale, 0.0135 at the last."""
-    r = k / max(n_scales - 1, 1)
-    return max(0.27 * (1 - 0.95 * r), 0.005)
+    return max(0.27 * (1 - 0.95 * scale_ratio(k, n_scales)), 0.005)
 
 
 def smooth_embedding(logits_BNV: jax.Array, codebook_VC: jax.Array, key: jax.Array, k: int,
                      n_scales: int) -> jax.Array:
     """softmax((logits * (1 + r) + Gumbel noise) / tau) @ codebook: a soft code per token."""
-    r = k / max(n_scales - 1, 1)
+    r = scale_ratio(k, n_scales)
     gumbel_BNV = jax.random.gumbel(key, logits_BNV.shape, jnp.float32)
     weights_BNV = jax.nn.softmax((logits_BNV.astype(jnp.float32) * (1 + r) + gumbel_BNV)
                                  / smooth_tau(k, n_scales), axis=-1)
@@ -82,7 +86,7 @@ def decode_scales(model: VAR, tokenizer: VQVAE, labels_B: jax.Array, choose: Cho
     for k in range(K):
         logits, cache = model.scale_step(k, inputs, cond_BD, cache)
         if guided:
-            t = cfg_scale * k / max(K - 1, 1)
+            t = cfg_scale * scale_ratio(k, K)
             logits = (1 + t) * logits[:B] - t * logits[B:]
         idx_Bn = choose(k, logits)
         all_logits.append(logits)

@@ -7,7 +7,9 @@
 
 At the base width (32), so only the depth rules act; the base depth is 2 (where all three are
 the same model). The grid is half-octave, 7 points centred on the tuned LR (for SP on where its
-optimum is expected, about half an octave lower per doubling of depth).
+optimum is expected, about half an octave lower per doubling of depth). Runs are ordered by
+cost: every seed of depths 2-8 first, then depth 16 seed by seed (a depth-16 run costs about 8
+depth-2 runs), so a partial sweep has all seeds where runs are cheap.
 """
 
 import math
@@ -32,10 +34,16 @@ def _centre(variant: str, depth: int) -> int:
     return k
 
 
+def _cost_groups(depths) -> list[list[int]]:
+    """Depths up to 8 together, then each deeper one alone."""
+    cheap = [d for d in depths if d <= 8]
+    return ([cheap] if cheap else []) + [[d] for d in depths if d > 8]
+
+
 def points() -> list[dict]:
     out = []
-    for seed in SEEDS:
-        for depth in DEPTHS:
+    for group, seed in ((g, s) for g in _cost_groups(DEPTHS) for s in SEEDS):
+        for depth in group:
             for variant, values in VARIANTS.items():
                 centre = _centre(variant, depth)
                 for k in sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), []))):

@@ -97,3 +97,28 @@ def test_base_check_compares_at_the_best_shared_lr_paired_by_seed():
     assert result['difference']['mean'] == pytest.approx(-0.02)
     assert result['verdict'] == 'rebased better'
     assert 'rebased better' in base_check.markdown(result, 'title')
+
+
+def _parabola_grid(centre_log2: float, ks, seeds=(0, 1, 2), noise=0.001):
+    from pretrain.study.transfer import Grid
+    rng = np.random.default_rng(int(10 * abs(centre_log2)) + len(ks))
+    lrs = tuple(2.0 ** (k / 2) for k in ks)
+    loss = np.array([[1.5 + 0.05 * (k / 2 - centre_log2) ** 2 + 0.01 * s + rng.normal(0, noise)
+                      for k in ks] for s in seeds])
+    return Grid(tuple(seeds), lrs, loss)
+
+
+def test_drift_cause_verdicts_by_construction():
+    from experiments import mutransfer_drift_cause as cause
+    base = _parabola_grid(-6.0, range(-16, -7))
+    results = cause.report(base, {
+        'stays': _parabola_grid(-6.1, range(-16, -7)),
+        'rises': _parabola_grid(-4.0, range(-13, -4)),
+        'edge': _parabola_grid(-8.0, range(-13, -9)),      # optimum below the grid
+        'one_seed': _parabola_grid(-6.0, range(-16, -7), seeds=(0,))})
+    assert results['stays']['verdict'] == 'inside'
+    assert results['stays']['total'] == pytest.approx(-0.1, abs=0.05)
+    assert results['rises']['verdict'] == 'rises'
+    assert results['edge']['verdict'].startswith('at most')
+    assert results['one_seed']['verdict'] == 'not shown'
+    assert '| rises | 3 |' in cause.markdown(results)

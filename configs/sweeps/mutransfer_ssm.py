@@ -16,7 +16,9 @@ from pretrain.study.sweep import Sweep
 WIDTHS = [32, 64, 128]
 SEEDS = [0]
 CENTRE = -17   # half-octaves: 2^-8.5 = 2.8e-3, the tiny configs' LR
-EXTRA = {}
+# {(variant, width): [k, ...]}: half-octave points added where the grid missed its optimum: the
+# first pass put it at the top edge (2^-6.5) at width 32 and for SP at every width.
+EXTRA = {**{('sp', w): [-12, -11, -10] for w in WIDTHS}, ('mup', 32): [-12, -11, -10]}
 
 
 def points() -> list[dict]:

@@ -1,0 +1,55 @@
+"""µTransfer with two of µP's width rules replaced by SP's: the embedding LR and the hidden init.
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_embedding_rule.py \
+        --workdir=docs/mutransfer/embedding_rule_sweep --parallel=2 \
+        --reuse_from=docs/mutransfer/width_sweep,docs/mutransfer/rebased_sweep
+    python -m pretrain.fit --sweep_dir=docs/mutransfer/embedding_rule_sweep --transfer=width
+
+The width-128 ablation (mutransfer_ablation.py) traced µP's loss to tuned SP to two of its
+prescriptions acting together: the embedding's width-independent LR and the hidden matrices'
+sigma / sqrt(m) init. This sweep tests the parametrization that follows them as SP does and
+keeps every other µP rule: the embedding LR times 1 / m and the hidden init times sqrt(m)
+(m = width / 32, per-role constants set per width), so at width 32 it is the tuned base model
+(its runs are adopted from the width sweep) and at width 128 it is the ablation's
+`embedding_lr_and_hidden_init_as_sp` (adopted from the rebased sweep, which ran the same runs).
+In this sweep's folder 'mup' means this modified µP. SP is the width sweep's own runs, adopted
+unchanged, so the report's comparison with tuned SP uses the same SP grids.
+
+Widths 32-256 (three doublings; 512 costs about 10 minutes a run here), 3 seeds, a 5-point
+half-octave grid 2^-7.5 ... 2^-5.5 around the base optimum 2^-5.96 at every width.
+"""
+
+import math
+
+from configs.sweeps import mutransfer_common as common
+from configs.sweeps import mutransfer_width as width_sweep
+from pretrain.study.sweep import Sweep
+
+WIDTHS = [32, 64, 128, 256]
+SEEDS = [0, 1, 2]
+MUP_KS = [-15, -14, -13, -12, -11]   # half-octave points: lr = 2^(k/2)
+
+
+def points() -> list[dict]:
+    sp = [p for p in width_sweep.points(WIDTHS, common.STEPS) if p['parametrization.name'] == 'sp']
+    mup = []
+    for widths in ([32, 64, 128], [256]):   # cheap widths first, then 256 seed by seed
+        for seed in SEEDS:
+            mup += [{'parametrization.name': 'mup', 'model.d_model': width,
+                     'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+                    for width in widths for k in MUP_KS]
+    return mup + sp
+
+
+def derive(point: dict) -> dict:
+    out = width_sweep.derive(point)
+    if point['parametrization.name'] == 'mup':
+        m = point['model.d_model'] / common.BASE_WIDTH
+        out['parametrization.role_lr_mult.embedding'] = 1 / m
+        out['parametrization.role_init_mult.hidden'] = math.sqrt(m)
+    return out
+
+
+def get_sweep() -> Sweep:
+    return Sweep(base='configs/lm_tiny.py', points=points(),
+                 fixed=width_sweep.get_sweep().fixed, derive=derive)

@@ -30,3 +30,11 @@ def quiet(c: ml_collections.ConfigDict, steps: int, eval_batches: int = 8) -> No
 def changed_flags(holders) -> str:
     """' --name=value' for each absl flag that differs from its default: the command to rerun."""
     return ''.join(f' --{h.name}={h.value}' for h in holders if h.value != h.default)
+
+
+def write_report(path: str, text: str) -> None:
+    """Write a Markdown report, echo it, and say where it went."""
+    with open(path, 'w') as handle:
+        handle.write(text)
+    print(text, end='')
+    print(f'wrote {path}')

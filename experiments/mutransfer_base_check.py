@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
+from experiments import common
 from pretrain.study import transfer
 
 BASE_WIDTH, LARGE_WIDTH, STEPS = 32, 128, 1000
@@ -63,11 +64,7 @@ def main(argv: Sequence[str]) -> None:
                            f'LRs both ran ({shared}):')
             + '\n' + markdown(large, f'At width {LARGE_WIDTH} from the rebased base, each at its best '
                                       'LR of its own grid:'))
-    out = os.path.join(f.out or f.rebased_sweep, 'base_check.md')
-    with open(out, 'w') as handle:
-        handle.write(text)
-    print(text, end='')
-    print(f'wrote {out}')
+    common.write_report(os.path.join(f.out or f.rebased_sweep, 'base_check.md'), text)
 
 
 if __name__ == '__main__':

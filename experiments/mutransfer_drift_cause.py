@@ -29,6 +29,7 @@ from typing import Any
 from absl import app, flags
 
 from configs.sweeps import mutransfer_ablation
+from experiments import common
 from pretrain.study import ablation, transfer
 
 BASE_WIDTH, WIDTH, STEPS = 32, 128, 1000
@@ -88,11 +89,7 @@ def main(argv: Sequence[str]) -> None:
     grids = ablation.grids(transfer.load_rows(f.ablation_sweep), mutransfer_ablation.VARIANTS)
     variants = {label: transfer.every_seed_ran(grids[label]) for label in AT_BASE_IS_BASE if label in grids}
     text = markdown(report(base, variants))
-    out = os.path.join(f.ablation_sweep, 'drift_cause.md')
-    with open(out, 'w') as handle:
-        handle.write(text)
-    print(text, end='')
-    print(f'wrote {out}')
+    common.write_report(os.path.join(f.ablation_sweep, 'drift_cause.md'), text)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,13 @@ def lr_grid(centre_half_octaves: int, below: int = 3, above: int = 3) -> list[fl
     return [2.0 ** (k / 2) for k in range(centre_half_octaves - below, centre_half_octaves + above + 1)]
 
 
+def cost_groups(sizes, cheap_up_to: int) -> list[list[int]]:
+    """Sizes up to `cheap_up_to` together, then each larger one alone: a sweep that runs every
+    seed of a group before the next has all its seeds where runs are cheap when it stops."""
+    cheap = [s for s in sizes if s <= cheap_up_to]
+    return ([cheap] if cheap else []) + [[s] for s in sizes if s > cheap_up_to]
+
+
 def shape(point: dict) -> dict:
     """4 heads and a 3x MLP at every width."""
     width = point.get('model.d_model', BASE_WIDTH)

@@ -34,15 +34,9 @@ def _centre(variant: str, depth: int) -> int:
     return k
 
 
-def _cost_groups(depths) -> list[list[int]]:
-    """Depths up to 8 together, then each deeper one alone."""
-    cheap = [d for d in depths if d <= 8]
-    return ([cheap] if cheap else []) + [[d] for d in depths if d > 8]
-
-
 def points() -> list[dict]:
     out = []
-    for group, seed in ((g, s) for g in _cost_groups(DEPTHS) for s in SEEDS):
+    for group, seed in ((g, s) for g in common.cost_groups(DEPTHS, 8) for s in SEEDS):
         for depth in group:
             for variant, values in VARIANTS.items():
                 centre = _centre(variant, depth)

@@ -33,7 +33,7 @@ MUP_KS = [-15, -14, -13, -12, -11]   # half-octave points: lr = 2^(k/2)
 def points() -> list[dict]:
     sp = [p for p in width_sweep.points(WIDTHS, common.STEPS) if p['parametrization.name'] == 'sp']
     mup = []
-    for widths in ([32, 64, 128], [256]):   # cheap widths first, then 256 seed by seed
+    for widths in common.cost_groups(WIDTHS, 128):
         for seed in SEEDS:
             mup += [{'parametrization.name': 'mup', 'model.d_model': width,
                      'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}

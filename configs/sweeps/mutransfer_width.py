@@ -49,15 +49,9 @@ def _centre(variant: str, width: int) -> int:
     return k
 
 
-def _cost_groups(widths) -> list[list[int]]:
-    """Widths up to 128 together (minutes a run), then each wider one alone."""
-    cheap = [w for w in widths if w <= 128]
-    return ([cheap] if cheap else []) + [[w] for w in widths if w > 128]
-
-
 def points(widths, steps: int) -> list[dict]:
     out = []
-    for group in _cost_groups(widths):
+    for group in common.cost_groups(widths, 128):   # up to 128: minutes a run
         for seed in SEEDS:
             for width in group:
                 for variant in ('mup', 'sp'):

@@ -16,7 +16,9 @@ In this sweep's folder 'mup' means this modified µP. SP is the width sweep's ow
 unchanged, so the report's comparison with tuned SP uses the same SP grids.
 
 Widths 32-256 (three doublings; 512 costs about 10 minutes a run here), 3 seeds, a 5-point
-half-octave grid 2^-7.5 ... 2^-5.5 around the base optimum 2^-5.96 at every width.
+half-octave grid 2^-7.5 ... 2^-5.5 around the base optimum 2^-5.96 at every width, extended
+where the optimum had fewer than two points past it (EXTRA: at 32 the width sweep's runs at
+2^-5 and 2^-4.5 are adopted; at 256 the optimum sat at 2^-7.18, near the low edge).
 """
 
 import math
@@ -28,6 +30,7 @@ from pretrain.study.sweep import Sweep
 WIDTHS = [32, 64, 128, 256]
 SEEDS = [0, 1, 2]
 MUP_KS = [-15, -14, -13, -12, -11]   # half-octave points: lr = 2^(k/2)
+EXTRA = {32: [-10, -9], 256: [-16, -17]}   # added where an optimum lacked two points past it
 
 
 def points() -> list[dict]:
@@ -37,7 +40,7 @@ def points() -> list[dict]:
         for seed in SEEDS:
             mup += [{'parametrization.name': 'mup', 'model.d_model': width,
                      'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
-                    for width in widths for k in MUP_KS]
+                    for width in widths for k in MUP_KS + EXTRA.get(width, [])]
     return mup + sp
 
 

@@ -122,3 +122,22 @@ def test_drift_cause_verdicts_by_construction():
     assert results['edge']['verdict'].startswith('at most')
     assert results['one_seed']['verdict'] == 'not shown'
     assert '| rises | 3 |' in cause.markdown(results)
+
+
+def test_single_rule_width_sweeps_are_the_ablation_variants_at_width_128():
+    """The width sweeps of µP with some of SP's rules must be the ablation's variants at width 128
+    (else their width-128 runs are trained again instead of adopted) and the base model at 32."""
+    from configs.sweeps import (mutransfer_ablation, mutransfer_embedding_rule,
+                                mutransfer_hidden_init_rule)
+    for module, label in ((mutransfer_hidden_init_rule, 'hidden_init_as_sp'),
+                          (mutransfer_embedding_rule, 'embedding_lr_and_hidden_init_as_sp')):
+        overrides, _ = mutransfer_ablation.VARIANTS[label]
+        for width, expected in ((128, {k: v for k, v in overrides.items() if '.role_' in k}),
+                                (32, None)):
+            point = {'parametrization.name': 'mup', 'model.d_model': width, 'train.steps': 1000,
+                     'seed': 0, 'optim.lr': 2.0 ** -6}
+            roles = {k: v for k, v in module.derive(point).items() if '.role_' in k}
+            if expected is None:
+                assert roles and all(v == 1.0 for v in roles.values()), (label, roles)
+            else:
+                assert roles == expected, (label, roles)

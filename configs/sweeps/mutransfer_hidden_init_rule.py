@@ -1,0 +1,38 @@
+"""µTransfer with one of µP's width rules replaced by SP's: the hidden init (sigma, not sigma / sqrt(m)).
+
+    python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_hidden_init_rule.py \
+        --workdir=docs/mutransfer/hidden_init_rule_sweep --parallel=2 \
+        --reuse_from=docs/mutransfer/width_sweep,docs/mutransfer/ablation_sweep
+    python -m pretrain.fit --sweep_dir=docs/mutransfer/hidden_init_rule_sweep --transfer=width
+
+Why this one: over 32 -> 256 plain µP's optimum rises (+0.38 octave per doubling) and the
+modified µP of mutransfer_embedding_rule.py (SP's embedding LR and SP's hidden init) makes it
+fall (about -0.35 per doubling), so the rule that moves it is one of the two. The width-128
+drift ablation (experiments/mutransfer_drift_cause.py) put µP with SP's hidden init alone at
++0.24 octave over 32 -> 128 and µP with SP's embedding LR alone at +0.60, both with wide
+intervals. This sweep measures the first over the full range: the hidden init times sqrt(m)
+(m = width / 32), every other µP rule kept. Its width-128 runs on the ablation's grid are
+adopted from the ablation sweep, the base model at 32 from the width sweep; SP is the width
+sweep's runs, adopted. The grid is the modified-µP sweep's. In this folder 'mup' means this
+variant.
+"""
+
+import math
+
+from configs.sweeps import mutransfer_common as common
+from configs.sweeps import mutransfer_embedding_rule as both_rules
+from configs.sweeps import mutransfer_width as width_sweep
+from pretrain.study.sweep import Sweep
+
+
+def derive(point: dict) -> dict:
+    out = width_sweep.derive(point)
+    if point['parametrization.name'] == 'mup':
+        out['parametrization.role_init_mult.hidden'] = math.sqrt(
+            point['model.d_model'] / common.BASE_WIDTH)
+    return out
+
+
+def get_sweep() -> Sweep:
+    return Sweep(base='configs/lm_tiny.py', points=both_rules.points(),
+                 fixed=width_sweep.get_sweep().fixed, derive=derive)

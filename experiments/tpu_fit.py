@@ -14,7 +14,6 @@ estimates are rooflines (no collectives, no input pipeline): an upper bound, not
 
 import json
 import os
-import re
 from typing import Any
 
 from absl import app, flags
@@ -94,7 +93,7 @@ def _row(advice: dict[str, Any]) -> str:
     best = advice['best']
     tried = len(advice['candidates'])
     if best is None:
-        why = advice.get('error') or _nothing_fits(advice['candidates'])
+        why = advice.get('error') or tpu_fit.nothing_fits(advice['candidates'])
         return f'| {config} | {topology} | - | - | - | - | {why} ({tried} tried) |'
     r = best['dry_run']
     t = r['tpu']
@@ -103,27 +102,6 @@ def _row(advice: dict[str, Any]) -> str:
     return (f'| {config} | {topology} | {mesh} | {best["remat"]}, accum {best["grad_accum"]} | '
             f'{used:.2f} / {t["hbm_bytes"] / tpu.GIB:.0f} GiB | {t["step_s"] * 1e3:.0f} ms '
             f'({t["bound"]}) | {100 * t["mfu"]:.1f}% ({tried} tried) |')
-
-
-def _nothing_fits(candidates: list[dict[str, Any]]) -> str:
-    """Why no candidate fits: the smallest temporaries the compiler asked for, and how many
-    micro-batch counts the config refused (a micro-batch smaller than the data-parallel size)."""
-    asked = []
-    for c in candidates:
-        match = re.search(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)',
-                          c.get('error', ''))
-        if match:
-            asked.append((float(match[1]), float(match[2]), c['remat'], c['grad_accum']))
-    refused = sum(c.get('error', '').startswith('config:') for c in candidates)
-    text = 'nothing tried fits'
-    if asked:
-        need, available, remat, accum = min(asked)
-        text += (f': the least the compiler asked for is {need:.2f}G of temporaries (remat '
-                 f'{remat}, accum {accum}) against {available:.2f}G free')
-    if refused:
-        text += (f'; {refused} micro-batch counts refused by the config (a micro-batch must '
-                 'hold a sequence per data-parallel chip)')
-    return text
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

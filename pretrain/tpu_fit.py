@@ -17,6 +17,7 @@ not measure them. Nothing is written except --out.
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,27 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     best = min(fitting, key=lambda c: c.result['tpu']['step_s'], default=None)
     return {'topology': topology, 'slices': num_slices, 'devices': len(devices),
             'candidates': [c.row() for c in candidates], 'best': best.row() if best else None}
+
+
+def nothing_fits(candidates: list[dict[str, Any]]) -> str:
+    """Why no candidate fits: the smallest temporaries the compiler asked for, and how many
+    micro-batch counts the config refused (a micro-batch smaller than the data-parallel size)."""
+    asked = []
+    for c in candidates:
+        match = re.search(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)',
+                          c.get('error', ''))
+        if match:
+            asked.append((float(match[1]), float(match[2]), c['remat'], c['grad_accum']))
+    refused = sum(c.get('error', '').startswith('config:') for c in candidates)
+    text = 'nothing tried fits'
+    if asked:
+        need, available, remat, accum = min(asked)
+        text += (f': the least the compiler asked for is {need:.2f}G of temporaries (remat '
+                 f'{remat}, accum {accum}) against {available:.2f}G free')
+    if refused:
+        text += (f'; {refused} micro-batch counts refused by the config (a micro-batch must '
+                 'hold a sequence per data-parallel chip)')
+    return text
 
 
 def _line(c: Candidate) -> str:

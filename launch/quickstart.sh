@@ -32,7 +32,9 @@ case "$task" in
     exec .venv/bin/python -m pretrain.train --config=configs/lm_tiny.py --workdir=runs/tiny "$@"
     ;;
   test)
-    exec .venv/bin/python -m pytest -q "$@"
+    # Two workers, one test file each (its module fixtures stay in one process): the suite is
+    # mostly single-threaded compiles, so two run side by side on two cores.
+    exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
     ;;
   *)
     echo "usage: bash launch/quickstart.sh {train|test} [args...]" >&2

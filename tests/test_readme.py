@@ -102,10 +102,10 @@ CHECKS: dict[str, Check] = {
         expect=('runs/tiny/checkpoints/100',)),
     'bash launch/quickstart.sh test': Check(
         'script', 'static', script='launch/quickstart.sh',
-        script_line='.venv/bin/python -m pytest -q "$@"'),
+        script_line='.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"'),
     'bash launch/quickstart.sh test -m slow': Check(
         'script', 'static', script='launch/quickstart.sh',
-        script_line='.venv/bin/python -m pytest -q "$@"'),
+        script_line='.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"'),
     # ---- the trainer; a second identical start of a finished run only says so.
     TRAIN_TINY: Check('run', 'train', flags=TINY_LM,
                       expect=('runs/tiny/checkpoints/4', 'runs/tiny/config.json')),

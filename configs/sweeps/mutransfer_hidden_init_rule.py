@@ -13,8 +13,9 @@ drift ablation (experiments/mutransfer_drift_cause.py) put µP with SP's hidden 
 intervals. This sweep measures the first over the full range: the hidden init times sqrt(m)
 (m = width / 32), every other µP rule kept. Its width-128 runs on the ablation's grid are
 adopted from the ablation sweep, the base model at 32 from the width sweep; SP is the width
-sweep's runs, adopted. The grid is the modified-µP sweep's. In this folder 'mup' means this
-variant.
+sweep's runs, adopted. The grid is the modified-µP sweep's, extended (EXTRA) above it at widths
+64 and 128, where the 3-seed optimum came out at or next to the grid's top edge. In this folder
+'mup' means this variant.
 """
 
 import math
@@ -23,6 +24,16 @@ from configs.sweeps import mutransfer_common as common
 from configs.sweeps import mutransfer_embedding_rule as both_rules
 from configs.sweeps import mutransfer_width as width_sweep
 from pretrain.study.sweep import Sweep
+
+
+EXTRA = {64: [-10, -9], 128: [-10, -9]}   # half-octave points lr = 2^(k/2) past the top edge
+
+
+def points() -> list[dict]:
+    extra = [{'parametrization.name': 'mup', 'model.d_model': width, 'train.steps': common.STEPS,
+              'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+             for width, ks in EXTRA.items() for seed in both_rules.SEEDS for k in ks]
+    return both_rules.points() + extra
 
 
 def derive(point: dict) -> dict:
@@ -34,5 +45,5 @@ def derive(point: dict) -> dict:
 
 
 def get_sweep() -> Sweep:
-    return Sweep(base='configs/lm_tiny.py', points=both_rules.points(),
+    return Sweep(base='configs/lm_tiny.py', points=points(),
                  fixed=width_sweep.get_sweep().fixed, derive=derive)

@@ -2,14 +2,18 @@
 which of those is fastest by the roofline estimate.
 
     python -m pretrain.tpu_fit --config=configs/llama_1b.py --topology=v5e:4x4 \
-        [--slices=1] [--remat=none,dots,full] [--grad_accum=1,2,4,8] [--all] [--out=fit.json]
+        [--slices=1] [--remat=none,dots,full] [--grad_accum=1,2,4,8] [--tensor=4,8] [--all]
+        [--out=fit.json]
 
 Each candidate is the trainer's real train step compiled ahead of time for the topology by the
 TPU compiler (pretrain/tpu.py; needs `pip install -e '.[tpu]'`). For each remat policy, from the
 cheapest in compute, the micro-batch counts are tried from the fewest up and the first that fits
 ends that policy's search (more micro-batches only add time); a policy with more recompute is
 tried only with fewer micro-batches than a cheaper policy already fits with (with as many it
-only adds work); --all compiles every combination.
+only adds work); --all compiles every combination. The config's own mesh is searched first;
+only if nothing fits with it, each --tensor size is tried in turn (mesh.ici.tensor set, the
+config's -1 axis taking the rest), stopping at the first layout with a fit: the roofline leaves
+out the collectives that set layouts apart, so it cannot rank them, only say which fit.
 The estimate is a roofline (compute vs HBM traffic, no collectives): it ranks candidates, it does
 not measure them. Nothing is written except --out.
 """
@@ -40,6 +44,7 @@ REMAT_ORDER = ('none', 'dots', 'full')   # cheapest in compute first
 class Candidate:
     remat: str
     grad_accum: int
+    tensor: int | None = None               # mesh.ici.tensor set for this layout; None: the config's
     result: dict[str, Any] | None = None   # dry_run.report's dict (with 'tpu'), when it compiled
     error: str = ''                         # why it did not compile (config or compiler)
 
@@ -48,16 +53,19 @@ class Candidate:
         return self.result is not None and self.result['tpu']['fits']
 
     def row(self) -> dict[str, Any]:
-        return {'remat': self.remat, 'grad_accum': self.grad_accum, 'fits': self.fits,
+        return {'remat': self.remat, 'grad_accum': self.grad_accum, 'tensor': self.tensor,
+                'fits': self.fits,
                 'error': self.error, **({'dry_run': self.result} if self.result else {})}
 
 
 def _compile(config: ml_collections.ConfigDict, devices: list[jax.Device], remat: str,
-             grad_accum: int, families: Registry) -> Candidate:
-    candidate = Candidate(remat, grad_accum)
+             grad_accum: int, tensor: int | None, families: Registry) -> Candidate:
+    candidate = Candidate(remat, grad_accum, tensor)
+    overrides = {'model.remat': remat, 'train.grad_accum_steps': grad_accum}
+    if tensor is not None:
+        overrides['mesh.ici.tensor'] = tensor
     try:
-        cfg = config_lib.with_overrides(config, {'model.remat': remat,
-                                                 'train.grad_accum_steps': grad_accum})
+        cfg = config_lib.with_overrides(config, overrides)
         setup = setup_lib.build(cfg, devices, families=families, check_data=False)
         candidate.result = dry_run.report(setup, quiet=True)
     except ConfigError as e:
@@ -71,29 +79,48 @@ def _compile(config: ml_collections.ConfigDict, devices: list[jax.Device], remat
 
 def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
            remats: Sequence[str] = REMAT_ORDER, grad_accums: Sequence[int] = (1, 2, 4, 8),
-           exhaustive: bool = False, families: Registry = FAMILIES,
-           say=print) -> dict[str, Any]:
-    """Compiles the candidates for `topology`; returns {'candidates': [...], 'best': row|None}."""
+           layouts: Sequence[int | None] = (None,), exhaustive: bool = False,
+           families: Registry = FAMILIES, say=print) -> dict[str, Any]:
+    """Compiles the candidates for `topology`; returns {'candidates': [...], 'best': row|None}.
+
+    `layouts` are tensor-parallel sizes (None: the config's mesh as it is), tried in order until
+    one has a fit (all of them with `exhaustive`)."""
     devices = tpu.devices(topology, num_slices)
     for remat in remats:   # names checked before the first (slow) compile
         if remat not in REMAT_ORDER:
             raise ConfigError(f'--remat: {remat!r} is not one of {list(REMAT_ORDER)}')
+    for tensor in layouts:
+        if tensor is not None and (tensor < 1 or len(devices) % tensor):
+            raise ConfigError(f'--tensor: {tensor} must be a positive divisor of the '
+                              f'{len(devices)} chips of {topology}')
     candidates = []
-    fewest = None   # the fewest micro-batches with which a cheaper policy fits
-    for remat in sorted(remats, key=REMAT_ORDER.index):
-        for grad_accum in sorted(grad_accums):
-            if not exhaustive and fewest is not None and grad_accum >= fewest:
-                break   # more recompute at no fewer micro-batches: not faster
-            candidate = _compile(config, devices, remat, grad_accum, families)
-            candidates.append(candidate)
-            say(_line(candidate))
-            if candidate.fits and not exhaustive:
-                fewest = grad_accum if fewest is None else min(fewest, grad_accum)
-                break
+    for tensor in layouts:
+        fewest = None   # the fewest micro-batches with which a cheaper policy fits
+        for remat in sorted(remats, key=REMAT_ORDER.index):
+            for grad_accum in sorted(grad_accums):
+                if not exhaustive and fewest is not None and grad_accum >= fewest:
+                    break   # more recompute at no fewer micro-batches: not faster
+                candidate = _compile(config, devices, remat, grad_accum, tensor, families)
+                candidates.append(candidate)
+                say(_line(candidate))
+                if candidate.fits and not exhaustive:
+                    fewest = grad_accum if fewest is None else min(fewest, grad_accum)
+                    break
+        if fewest is not None:
+            break   # the first layout that fits: the roofline cannot rank layouts
     fitting = [c for c in candidates if c.fits]
     best = min(fitting, key=lambda c: c.result['tpu']['step_s'], default=None)
     return {'topology': topology, 'slices': num_slices, 'devices': len(devices),
             'candidates': [c.row() for c in candidates], 'best': best.row() if best else None}
+
+
+def layouts_left(saved: dict[str, Any], layouts: Sequence[int | None]) -> list[int | None]:
+    """The layouts a saved advice has still to try: none once it has a fit or a config error
+    (a search goes on to the next layout only while nothing fits)."""
+    if saved.get('best') is not None or saved.get('error'):
+        return []
+    tried = {c.get('tensor') for c in saved['candidates']}   # saved before layouts: None
+    return [t for t in layouts if t not in tried]
 
 
 def nothing_fits(candidates: list[dict[str, Any]]) -> str:
@@ -104,12 +131,13 @@ def nothing_fits(candidates: list[dict[str, Any]]) -> str:
         match = re.search(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)',
                           c.get('error', ''))
         if match:
-            asked.append((float(match[1]), float(match[2]), c['remat'], c['grad_accum']))
+            layout = '' if c.get('tensor') is None else f'tensor {c["tensor"]}, '
+            asked.append((float(match[1]), float(match[2]), layout, c['remat'], c['grad_accum']))
     refused = sum(c.get('error', '').startswith('config:') for c in candidates)
     text = 'nothing tried fits'
     if asked:
-        need, available, remat, accum = min(asked)
-        text += (f': the least the compiler asked for is {need:.2f}G of temporaries (remat '
+        need, available, layout, remat, accum = min(asked)
+        text += (f': the least the compiler asked for is {need:.2f}G of temporaries ({layout}remat '
                  f'{remat}, accum {accum}) against {available:.2f}G free')
     if refused:
         text += (f'; {refused} micro-batch counts refused by the config (a micro-batch must '
@@ -118,7 +146,8 @@ def nothing_fits(candidates: list[dict[str, Any]]) -> str:
 
 
 def _line(c: Candidate) -> str:
-    head = f'  remat={c.remat:<5} grad_accum={c.grad_accum:<2} '
+    head = (f'  {"" if c.tensor is None else f"tensor={c.tensor} "}remat={c.remat:<5} '
+            f'grad_accum={c.grad_accum:<2} ')
     if c.result is None:
         return head + c.error
     t = c.result['tpu']
@@ -132,9 +161,10 @@ def summary(advice: dict[str, Any]) -> str:
     best = advice['best']
     if best is None:
         return (f'nothing tried fits {advice["topology"]}: more chips, a smaller batch per chip, '
-                'or more micro-batches')
+                'more micro-batches or a tensor-parallel layout (--tensor)')
     t = best['dry_run']['tpu']
-    return (f'best on {advice["topology"]}: remat={best["remat"]}, '
+    layout = '' if best.get('tensor') is None else f'mesh.ici.tensor={best["tensor"]}, '
+    return (f'best on {advice["topology"]}: {layout}remat={best["remat"]}, '
             f'train.grad_accum_steps={best["grad_accum"]} (estimate {t["step_s"] * 1e3:.1f} ms/step, '
             f'MFU {100 * t["mfu"]:.1f}%, {t["headroom_bytes"] / tpu.GIB:.2f} GiB HBM to spare)')
 
@@ -147,6 +177,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer('slices', 1, 'Slices joined over DCN.')
     flags.DEFINE_list('remat', list(REMAT_ORDER), 'Remat policies to try.')
     flags.DEFINE_list('grad_accum', ['1', '2', '4', '8'], 'Micro-batch counts to try.')
+    flags.DEFINE_list('tensor', [], 'Tensor-parallel sizes to try, in order, if nothing fits with '
+                      "the config's mesh.")
     flags.DEFINE_bool('all', False, 'Compile every combination instead of stopping each policy '
                       'at its first fit.')
     flags.DEFINE_string('out', '', 'Write the candidates and the choice as JSON here.')
@@ -162,9 +194,10 @@ def main(argv) -> None:
                          '--config=configs/llama_1b.py --topology=v5e:4x4')
     try:
         grad_accums = [int(n) for n in FLAGS.grad_accum]
+        tensors = [int(n) for n in FLAGS.tensor]
     except ValueError:
-        raise SystemExit(f'usage error: --grad_accum={",".join(FLAGS.grad_accum)} must be '
-                         'integers') from None
+        raise SystemExit(f'usage error: --grad_accum={",".join(FLAGS.grad_accum)} and '
+                         f'--tensor={",".join(FLAGS.tensor)} must be integers') from None
     if FLAGS.out:   # a folder that cannot take the file: say so before compiling for minutes
         out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
         if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
@@ -172,7 +205,7 @@ def main(argv) -> None:
     jax.config.update('jax_platforms', 'cpu')   # the topology's devices are abstract
     try:
         advice = advise(FLAGS.config, FLAGS.topology, FLAGS.slices, FLAGS.remat, grad_accums,
-                        exhaustive=FLAGS.all)
+                        layouts=[None, *tensors], exhaustive=FLAGS.all)
     except ConfigError as e:
         raise SystemExit(f'config error: {e}') from None
     print(summary(advice), flush=True)

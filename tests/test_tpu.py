@@ -17,6 +17,7 @@ import model_zoo
 from configs import ssm_tiny
 from pretrain import setup as setup_lib
 from pretrain import tpu, tpu_fit
+from pretrain.errors import ConfigError
 from tests.helpers import tiny_config, with_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,8 +92,45 @@ def test_fit_table_says_why_nothing_fits():
         {'remat': 'full', 'grad_accum': 1, 'fits': False, 'error': oom.format('18.67')}]
     why = tpu_fit.nothing_fits(candidates)
     assert '18.67G of temporaries (remat full, accum 1) against 15.75G free' in why
+    candidates.append({'remat': 'full', 'grad_accum': 4, 'tensor': 4, 'fits': False,
+                       'error': oom.format('16.20')})
+    assert '16.20G of temporaries (tensor 4, remat full, accum 4)' in tpu_fit.nothing_fits(candidates)
     assert '; 1 micro-batch counts refused' in why
     assert tpu_fit.nothing_fits([]) == 'nothing tried fits'
+
+
+def test_layouts_are_tried_in_order_until_one_fits(monkeypatch):
+    """The config's mesh first; a tensor-parallel layout only while nothing fits; the search
+    stops at the first layout with a fit (the roofline cannot rank layouts)."""
+    compiled = []
+
+    def fake_compile(config, devices, remat, grad_accum, tensor, families):
+        compiled.append((tensor, remat, grad_accum))
+        candidate = tpu_fit.Candidate(remat, grad_accum, tensor)
+        if tensor == 4 and remat == 'full':
+            candidate.result = {'tpu': {'fits': True, 'step_s': 1.0 / grad_accum}}
+        else:
+            candidate.error = 'compiler: RESOURCE_EXHAUSTED'
+        return candidate
+
+    monkeypatch.setattr(tpu, 'devices', lambda topology, slices: list(range(16)))
+    monkeypatch.setattr(tpu_fit, '_compile', fake_compile)
+    monkeypatch.setattr(tpu_fit, '_line', lambda candidate: '')
+    advice = tpu_fit.advise(None, 'v5e:4x4', remats=('none', 'full'), grad_accums=(1, 2),
+                            layouts=(None, 4, 8))
+    assert compiled == [(None, 'none', 1), (None, 'none', 2), (None, 'full', 1),
+                        (None, 'full', 2), (4, 'none', 1), (4, 'none', 2), (4, 'full', 1)]
+    assert advice['best']['tensor'] == 4 and advice['best']['remat'] == 'full'
+    assert 'mesh.ici.tensor=4, remat=full' in tpu_fit.summary(
+        {**advice, 'best': {**advice['best'], 'dry_run': {'tpu': {
+            'step_s': 1.0, 'mfu': 0.5, 'headroom_bytes': 0}}}})
+    with pytest.raises(ConfigError, match='--tensor: 3 must be a positive divisor of the 16'):
+        tpu_fit.advise(None, 'v5e:4x4', layouts=(None, 3))
+    # A saved search goes on only with the layouts it lacks, and only while nothing fits.
+    saved = {'best': None, 'candidates': [{'remat': 'full', 'grad_accum': 1}]}   # no 'tensor' key
+    assert tpu_fit.layouts_left(saved, (None, 4, 8)) == [4, 8]
+    assert tpu_fit.layouts_left({**saved, 'best': advice['best']}, (None, 4, 8)) == []
+    assert tpu_fit.layouts_left({**saved, 'error': 'config: ...'}, (None, 4, 8)) == []
 
 
 def test_cli_flag_misuse_is_a_usage_error():
@@ -105,6 +143,9 @@ def test_cli_flag_misuse_is_a_usage_error():
     out = _cli('pretrain.train', '--config=configs/lm_tiny.py', '--dry_run',
                '--dry_run_topology=tpu9:2x2')
     assert out.returncode != 0 and "--dry_run_topology='tpu9:2x2'" in out.stderr
+    out = _cli('pretrain.tpu_fit', '--config=configs/lm_tiny.py', '--topology=v5e:2x2',
+               '--tensor=four')
+    assert out.returncode != 0 and '--tensor=four must be integers' in out.stderr
 
 
 # --- with libtpu: the TPU compiler itself -------------------------------------------------------
@@ -216,6 +257,9 @@ def test_the_cli_prints_the_fit_and_the_advisor_picks_the_fastest_fit(tmp_path):
     first_fit = tpu_fit.advise(tiny_config(), 'v5e:2x2', remats=('none', 'full'),
                                grad_accums=(1, 2), say=lambda line: None)
     assert [(c['remat'], c['grad_accum']) for c in first_fit['candidates']] == [('none', 1)]
+    tensor = tpu_fit.advise(tiny_config(), 'v5e:2x2', remats=('none',), grad_accums=(1,),
+                            layouts=(2,), say=lambda line: None)
+    assert tensor['best']['tensor'] == 2 and tensor['best']['dry_run']['mesh']['tensor'] == 2
 
 
 @pytest.mark.tpu

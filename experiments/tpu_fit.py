@@ -6,7 +6,8 @@ remat choice that fits (pretrain.tpu_fit's advisor), compiled ahead of time by t
 
 Each (config, topology) is one advisor search (remat none -> dots -> full, micro-batches 1 -> 16,
 first fit per policy; fsdp over every chip first, tensor parallelism 4 then 8 only where nothing
-fits), saved to docs/tpu_fit/<config>@<topology>.json as soon as it finishes, so
+fits), each compiled candidate kept in <config>@<topology>.json.partial until the search ends,
+saved to docs/tpu_fit/<config>@<topology>.json as soon as it finishes, so
 an interrupted run resumes where it stopped. Transformer configs use the splash attention kernel
 (model.attention_impl='splash'). docs/tpu_fit.md is rewritten from all saved results
 each time, with a row next to MaxText's published MFU where a comparable figure exists. The
@@ -81,19 +82,31 @@ def run_pair(out: str, config: str, topology: str) -> dict[str, Any]:
         if not layouts:
             return reestimate(saved)
     print(f'{config} on {topology}:', flush=True)
+    partial = path + '.partial'   # the candidates compiled so far by an interrupted search
+    done = []
+    if os.path.exists(partial):
+        with open(partial) as f:
+            done = json.load(f)
     try:
         advice = tpu_fit.advise(_config(config), topology, grad_accums=GRAD_ACCUM,
-                                layouts=layouts, say=lambda line: print(line, flush=True))
+                                layouts=layouts, say=lambda line: print(line, flush=True),
+                                done=done, record=lambda rows: _write(partial, rows))
         advice['candidates'] = earlier + advice['candidates']
         advice = reestimate(advice)
     except ConfigError as e:
         advice = {'topology': topology, 'error': str(e), 'candidates': [], 'best': None}
     advice['config'] = config
+    _write(path, advice)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return advice
+
+
+def _write(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
-        json.dump(advice, f, indent=1)
-    os.replace(path + '.tmp', path)   # a killed run leaves no half-written result
-    return advice
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)   # a killed run leaves no half-written file
 
 
 def _row(advice: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -80,11 +80,15 @@ def _compile(config: ml_collections.ConfigDict, devices: list[jax.Device], remat
 def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
            remats: Sequence[str] = REMAT_ORDER, grad_accums: Sequence[int] = (1, 2, 4, 8),
            layouts: Sequence[int | None] = (None,), exhaustive: bool = False,
-           families: Registry = FAMILIES, say=print) -> dict[str, Any]:
+           families: Registry = FAMILIES, say=print, done: Sequence[dict[str, Any]] = (),
+           record: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Compiles the candidates for `topology`; returns {'candidates': [...], 'best': row|None}.
 
     `layouts` are tensor-parallel sizes (None: the config's mesh as it is), tried in order until
-    one has a fit (all of them with `exhaustive`)."""
+    one has a fit (all of them with `exhaustive`). `done` holds the rows of an interrupted search,
+    reused instead of compiled again; `record` gets every row so far after each candidate (an
+    8B-parameter compile takes minutes: a caller can save them as they come)."""
+    reuse = {(row.get('tensor'), row['remat'], row['grad_accum']): row for row in done}
     devices = tpu.devices(topology, num_slices)
     for remat in remats:   # names checked before the first (slow) compile
         if remat not in REMAT_ORDER:
@@ -100,9 +104,16 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
             for grad_accum in sorted(grad_accums):
                 if not exhaustive and fewest is not None and grad_accum >= fewest:
                     break   # more recompute at no fewer micro-batches: not faster
-                candidate = _compile(config, devices, remat, grad_accum, tensor, families)
+                row = reuse.get((tensor, remat, grad_accum))
+                if row is None:
+                    candidate = _compile(config, devices, remat, grad_accum, tensor, families)
+                else:
+                    candidate = Candidate(remat, grad_accum, tensor, row.get('dry_run'),
+                                          row.get('error', ''))
                 candidates.append(candidate)
                 say(_line(candidate))
+                if record is not None:
+                    record([c.row() for c in candidates])
                 if candidate.fits and not exhaustive:
                     fewest = grad_accum if fewest is None else min(fewest, grad_accum)
                     break

@@ -124,6 +124,17 @@ def test_layouts_are_tried_in_order_until_one_fits(monkeypatch):
     assert 'mesh.ici.tensor=4, remat=full' in tpu_fit.summary(
         {**advice, 'best': {**advice['best'], 'dry_run': {'tpu': {
             'step_s': 1.0, 'mfu': 0.5, 'headroom_bytes': 0}}}})
+    # An interrupted search resumes from the rows it recorded: nothing is compiled again.
+    recorded = []
+    compiled.clear()
+    tpu_fit.advise(None, 'v5e:4x4', remats=('none', 'full'), grad_accums=(1, 2),
+                   layouts=(None, 4), record=recorded.append)
+    assert len(recorded) == 7 and len(recorded[-1]) == 7 and len(recorded[0]) == 1
+    compiled.clear()
+    again = tpu_fit.advise(None, 'v5e:4x4', remats=('none', 'full'), grad_accums=(1, 2),
+                           layouts=(None, 4), done=recorded[3])
+    assert compiled == [(4, 'none', 1), (4, 'none', 2), (4, 'full', 1)]
+    assert again['best'] == advice['best']
     with pytest.raises(ConfigError, match='--tensor: 3 must be a positive divisor of the 16'):
         tpu_fit.advise(None, 'v5e:4x4', layouts=(None, 3))
     # A saved search goes on only with the layouts it lacks, and only while nothing fits.

@@ -14,7 +14,7 @@ intervals. This sweep measures the first over the full range: the hidden init ti
 (m = width / 32), every other µP rule kept. Its width-128 runs on the ablation's grid are
 adopted from the ablation sweep, the base model at 32 from the width sweep; SP is the width
 sweep's runs, adopted. The grid is the modified-µP sweep's, extended (EXTRA) above it at widths
-64 and 128, where the 3-seed optimum came out at or next to the grid's top edge. In this folder
+64, 128 and 256, where the 3-seed loss had not risen by the grid's top edge. In this folder
 'mup' means this variant.
 """
 

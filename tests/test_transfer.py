@@ -133,6 +133,19 @@ def test_a_size_still_filling_its_grid_is_left_out():
     assert 'In progress' in transfer.markdown(result)
 
 
+def test_a_base_with_extra_seeds_keeps_every_size_in_the_fit():
+    """More seeds at the (cheap) base than elsewhere is a design, not a sweep in progress: every
+    size stays in, the base's optimum uses all its seeds, the paired steps the shared ones."""
+    rows = _rows({'mup': 0.0}, sizes=(32, 64, 128))
+    extra = _rows({'mup': 0.0}, sizes=(32,), seeds=(3, 4))
+    result = transfer.report(rows + extra, n_boot=50)
+    assert result['in_progress'] == []
+    group = result['groups'][0]
+    assert group['sizes'] == [32, 64, 128]
+    assert group['drift']['seeds'] == {32: 5, 64: 3, 128: 3}
+    assert [step['seeds'] for step in group['larger_is_better']] == [3, 3]
+
+
 def test_a_size_with_fewer_seeds_or_lrs_some_seeds_lack_is_left_out():
     """The widest size with one seed so far waits for the others; an LR run by one seed only is
     not compared with means over three (it would look better or worse by its seed alone)."""

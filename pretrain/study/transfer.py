@@ -240,10 +240,13 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
         # An LR that only some seeds have run would be a mean over fewer seeds than its
         # neighbours (and a different bootstrap); a size whose grid or seeds are still being
         # filled would move the optimum and the common LRs. Both are left out until complete.
-        most_seeds = max(len(g.seeds) for g in group_grids.values())
+        # A size with fewer seeds than most sizes have (the median) is still being filled; one
+        # with more (a cheap base model given extra seeds) is kept: the bootstrap resamples each
+        # size's own seeds and the paired differences use the seeds both sizes have.
+        usual_seeds = float(np.median([len(g.seeds) for g in group_grids.values()]))
         for size, g in list(group_grids.items()):
             complete = every_seed_ran(g)
-            if len(g.seeds) < most_seeds or len(complete.lrs) < MIN_LRS:
+            if len(g.seeds) < usual_seeds or len(complete.lrs) < MIN_LRS:
                 del group_grids[size]
                 out['in_progress'].append({'variant': variant, 'steps': steps, 'size': size,
                                            'seeds_run': len(g.seeds), 'lrs_run': len(complete.lrs)})

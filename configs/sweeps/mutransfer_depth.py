@@ -9,8 +9,9 @@ At the base width (32), so only the depth rules act; the base depth is 2 (where 
 the same model). The grid is half-octave, 7 points centred on the tuned LR. SP's grid was first
 centred half an octave lower per doubling of depth, where its optimum was expected; at depths
 2-8 (3 seeds) it did not fall (2^-5.73, 2^-6.73, and at 8 the top edge, 2^-5.5), so it is now
-centred on the tuned LR like the others: at depths 4 and 8 that adds the points above the old
-grid, whose runs below the new one are kept and fitted. Runs are ordered by
+centred on the tuned LR like the others: at depths 4 and 8 that added the points above the old
+grid; the old runs below the new grid stay in the folder but are no sweep points, so the fit
+does not use them. Runs are ordered by
 cost: every seed of depths 2-8 first, then depth 16 seed by seed (a depth-16 run costs about 8
 depth-2 runs), so a partial sweep has all seeds where runs are cheap.
 """
@@ -26,15 +27,11 @@ SEEDS = [0, 1, 2]
 VARIANTS = {'sp': {'parametrization.name': 'sp'},
             'depth_mup': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 0.5},
             'completep': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 1.0}}
-SP_DRIFT_HALF_OCTAVES_PER_DOUBLING = 0   # was -1 until the depth 2-8 runs showed no fall
 EXTRA = {}   # {(variant, depth): [k, ...]} points added where a grid missed its optimum
 
 
-def _centre(variant: str, depth: int) -> int:
-    k = round(2 * math.log2(TUNED['optim.lr']))
-    if variant == 'sp':
-        k += round(SP_DRIFT_HALF_OCTAVES_PER_DOUBLING * math.log2(depth / common.BASE_DEPTH))
-    return k
+def _centre() -> int:
+    return round(2 * math.log2(TUNED['optim.lr']))   # every variant, every depth (docstring)
 
 
 def points() -> list[dict]:
@@ -42,7 +39,7 @@ def points() -> list[dict]:
     for group, seed in ((g, s) for g in common.cost_groups(DEPTHS, 8) for s in SEEDS):
         for depth in group:
             for variant, values in VARIANTS.items():
-                centre = _centre(variant, depth)
+                centre = _centre()
                 for k in sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), []))):
                     out.append({**values, 'model.n_layers': depth, 'seed': seed,
                                 'optim.lr': 2.0 ** (k / 2)})

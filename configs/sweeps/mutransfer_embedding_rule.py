@@ -33,13 +33,18 @@ MUP_KS = [-15, -14, -13, -12, -11]   # half-octave points: lr = 2^(k/2)
 EXTRA = {32: [-10, -9], 256: [-16, -17]}   # added where an optimum lacked two points past it
 
 
+def mup_point(width: int, seed: int, k: int) -> dict:
+    """A µP run of the width study at lr = 2^(k/2)."""
+    return {'parametrization.name': 'mup', 'model.d_model': width, 'train.steps': common.STEPS,
+            'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+
+
 def points() -> list[dict]:
     sp = [p for p in width_sweep.points(WIDTHS, common.STEPS) if p['parametrization.name'] == 'sp']
     mup = []
     for widths in common.cost_groups(WIDTHS, 128):
         for seed in SEEDS:
-            mup += [{'parametrization.name': 'mup', 'model.d_model': width,
-                     'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+            mup += [mup_point(width, seed, k)
                     for width in widths for k in MUP_KS + EXTRA.get(width, [])]
     return mup + sp
 

@@ -37,15 +37,11 @@ BASE_SEEDS = [3, 4, 5, 6, 7]
 BASE_KS = range(-15, -8)
 
 
-def _point(width: int, seed: int, k: int) -> dict:
-    return {'parametrization.name': 'mup', 'model.d_model': width, 'train.steps': common.STEPS,
-            'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
-
-
 def points() -> list[dict]:
-    extra = [_point(width, seed, k)
+    extra = [both_rules.mup_point(width, seed, k)
              for width, ks in EXTRA.items() for seed in both_rules.SEEDS for k in ks]
-    base = [_point(common.BASE_WIDTH, seed, k) for seed in BASE_SEEDS for k in BASE_KS]
+    base = [both_rules.mup_point(common.BASE_WIDTH, seed, k)
+            for seed in BASE_SEEDS for k in BASE_KS]
     return both_rules.points() + extra + base
 
 

@@ -112,7 +112,7 @@ def _write(path: str, obj: Any) -> None:
 def _row(advice: dict[str, Any]) -> str:
     config, topology = advice['config'], advice['topology']
     best = advice['best']
-    tried = len(advice['candidates'])
+    tried = sum(not c.get('error', '').startswith(tpu_fit.SKIPPED) for c in advice['candidates'])
     if best is None:
         why = advice.get('error') or tpu_fit.nothing_fits(advice['candidates'])
         return f'| {config} | {topology} | - | - | - | - | {why} ({tried} tried) |'
@@ -141,8 +141,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         'The advisor',
         '(`python -m pretrain.tpu_fit`) tries remat none -> dots -> full and 1 -> 16 micro-batches,',
         'stopping each policy at its first fit (a policy with more recompute only with fewer',
-        'micro-batches than a cheaper one already fits with), and picks the fastest fit by the',
-        'estimate. Transformer configs run with the splash attention kernel, as a TPU run would.',
+        'micro-batches than a cheaper one already fits with; a micro-batch count is not compiled',
+        'when a refusal with fewer already shows that its temporaries cannot fit, as only the',
+        'activations shrink with the micro-batch), and picks the fastest fit by the estimate;',
+        '"tried" counts the compiled candidates. Transformer configs run with the splash attention kernel, as a TPU run would.',
         'The layout is fsdp over every chip first; only where nothing fits with it are tensor-',
         'parallel layouts tried (tensor 4, then 8, fsdp taking the rest), stopping at the first',
         'that fits: the roofline leaves out the collectives that set layouts apart, so it cannot',

@@ -10,7 +10,9 @@ TPU compiler (pretrain/tpu.py; needs `pip install -e '.[tpu]'`). For each remat 
 cheapest in compute, the micro-batch counts are tried from the fewest up and the first that fits
 ends that policy's search (more micro-batches only add time); a policy with more recompute is
 tried only with fewer micro-batches than a cheaper policy already fits with (with as many it
-only adds work); --all compiles every combination. The config's own mesh is searched first;
+only adds work). A count whose temporaries cannot fit, judged from a refusal with fewer
+micro-batches (only the activations shrink with the micro-batch), is not compiled: an 8B model's
+refusals take minutes each. --all compiles every combination. The config's own mesh is searched first;
 only if nothing fits with it, each --tensor size is tried in turn (mesh.ici.tensor set, the
 config's -1 axis taking the rest), stopping at the first layout with a fit: the roofline leaves
 out the collectives that set layouts apart, so it cannot rank them, only say which fit.
@@ -101,16 +103,21 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     for tensor in layouts:
         fewest = None   # the fewest micro-batches with which a cheaper policy fits
         for remat in sorted(remats, key=REMAT_ORDER.index):
+            refused = None   # (temporaries asked for, free, micro-batches) of the last refusal
             for grad_accum in sorted(grad_accums):
                 if not exhaustive and fewest is not None and grad_accum >= fewest:
                     break   # more recompute at no fewer micro-batches: not faster
                 row = reuse.get((tensor, remat, grad_accum))
-                if row is None:
+                too_big = None if exhaustive else _cannot_fit(refused, grad_accum)
+                if row is None and too_big:
+                    candidate = Candidate(remat, grad_accum, tensor, error=too_big)
+                elif row is None:
                     candidate = _compile(config, devices, remat, grad_accum, tensor, families)
                 else:
                     candidate = Candidate(remat, grad_accum, tensor, row.get('dry_run'),
                                           row.get('error', ''))
                 candidates.append(candidate)
+                refused = _asked(candidate.error, grad_accum) or refused
                 say(_line(candidate))
                 if record is not None:
                     record([c.row() for c in candidates])
@@ -123,6 +130,34 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     best = min(fitting, key=lambda c: c.result['tpu']['step_s'], default=None)
     return {'topology': topology, 'slices': num_slices, 'devices': len(devices),
             'candidates': [c.row() for c in candidates], 'best': best.row() if best else None}
+
+
+_OOM = re.compile(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)')
+SKIPPED = 'skipped:'   # the prefix of a candidate left uncompiled by _cannot_fit
+
+
+def _asked(error: str, grad_accum: int) -> tuple[float, float, int] | None:
+    """(temporaries asked for, HBM free, micro-batches) from a compiler's out-of-memory refusal."""
+    match = _OOM.search(error)
+    return (float(match[1]), float(match[2]), grad_accum) if match else None
+
+
+def _cannot_fit(refused: tuple[float, float, int] | None, grad_accum: int) -> str:
+    """Why `grad_accum` micro-batches cannot fit, given a refusal with fewer ('' if they may).
+
+    Temporaries are a part that does not shrink with the micro-batch (gradients, optimizer
+    update) plus activations that shrink in proportion: T(a) = F + A / a with F, A >= 0, so
+    T(a) >= T(a0) * a0 / a for a >= a0. Where even that lower bound exceeds the free HBM, the
+    compile (minutes for a large model) can only be refused, and is left out."""
+    if refused is None:
+        return ''
+    asked, free, fewer = refused
+    bound = asked * fewer / grad_accum
+    if bound <= free:
+        return ''
+    return (f'{SKIPPED} needs at least {bound:.2f}G of temporaries against {free:.2f}G free '
+            f'(the compiler asked for {asked:.2f}G with {fewer} micro-batches; only activations '
+            'shrink with more)')
 
 
 def layouts_left(saved: dict[str, Any], layouts: Sequence[int | None]) -> list[int | None]:
@@ -139,8 +174,7 @@ def nothing_fits(candidates: list[dict[str, Any]]) -> str:
     micro-batch counts the config refused (a micro-batch smaller than the data-parallel size)."""
     asked = []
     for c in candidates:
-        match = re.search(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)',
-                          c.get('error', ''))
+        match = _OOM.search(c.get('error', ''))
         if match:
             layout = '' if c.get('tensor') is None else f'tensor {c["tensor"]}, '
             asked.append((float(match[1]), float(match[2]), layout, c['remat'], c['grad_accum']))

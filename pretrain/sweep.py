@@ -2,7 +2,7 @@ r"""Sweeps: declare the runs once, run them anywhere, re-run to resume, collect 
 
     python -m pretrain.sweep --sweep=configs/sweeps/tiny_lr.py --workdir=runs/sweep \
         [--dry_run] [--executor=local|slurm|tpu] [--parallel=N] [--shard=I/N] [--run=NAME] \
-        [--reuse_from=OTHER_WORKDIR,...]
+        [--only=REGEX] [--reuse_from=OTHER_WORKDIR,...]
 
 A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a
 `pretrain.study.sweep.Sweep` (the sweep language is documented there). Each run gets a stable
@@ -15,8 +15,10 @@ Executors (pretrain.study.executors): `local` runs the runs here, each in a subp
 submit script for launch/sweep_array.sbatch; `tpu` writes a script that runs launch/tpu_vm.sh
 with one shard (`--shard=I/N`) of the runs per TPU VM. Every invocation rewrites
 `WORKDIR/results.jsonl` (one row per finished run, the format `pretrain.fit` reads).
-`--reuse_from` adopts finished runs of other sweeps whose resolved config equals a run's
-(pretrain/study/reuse.py) instead of training them again.
+`--only=REGEX` narrows any of these to the runs whose names match (with the parents of matched
+cooldowns), e.g. to run the cheap or the decisive part of a sweep first; results.jsonl still
+lists every finished run of the sweep. `--reuse_from` adopts finished runs of other sweeps whose
+resolved config equals a run's (pretrain/study/reuse.py) instead of training them again.
 """
 
 from collections.abc import Sequence
@@ -40,6 +42,8 @@ _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at once, each in a 
                                  '0 = in this process, in turn.', lower_bound=0)
 _SHARD = flags.DEFINE_string('shard', '', 'I/N: only the I-th of N shards (whole families).')
 _RUN = flags.DEFINE_string('run', '', 'Train only this run, in this process.')
+_ONLY = flags.DEFINE_string('only', '', 'Only the runs whose names match this regular expression '
+                            '(re.search), with the parents of matched cooldowns.')
 _SLURM_MAX_PARALLEL = flags.DEFINE_integer('slurm_max_parallel', 8, 'slurm: array tasks at once.')
 _TPU_WORKERS = flags.DEFINE_list('tpu_workers', [], 'tpu: comma-separated TPU VM names.')
 _TPU_ZONE = flags.DEFINE_string('tpu_zone', 'us-central2-b', 'tpu: zone of the TPU VMs.')
@@ -56,6 +60,7 @@ def main(argv: Sequence[str]) -> int:
     return run_sweep(SweepOptions(
         sweep=_SWEEP.value, workdir=_WORKDIR.value, dry_run=_DRY_RUN.value,
         executor=_EXECUTOR.value, parallel=_PARALLEL.value, shard=_SHARD.value, run=_RUN.value,
+        only=_ONLY.value,
         slurm_max_parallel=_SLURM_MAX_PARALLEL.value, tpu_workers=tuple(_TPU_WORKERS.value),
         tpu_zone=_TPU_ZONE.value, reuse_from=tuple(_REUSE_FROM.value)))
 

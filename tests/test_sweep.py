@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 
@@ -111,6 +112,20 @@ def test_shards_keep_families_together(base):
     for s in shards:
         names = {r.name for r in s}
         assert all(r.parent in names for r in s if r.parent)
+
+
+def test_only_narrows_by_name_and_keeps_a_cooldowns_parent(base):
+    runs = sweep.expand(Sweep(base=base, points=zipped({'model.d_model': [16, 32, 48]}),
+                              cooldowns=Cooldowns(budgets=[4, 8], fraction=0.25)))
+    assert [r.name for r in sweep.only(runs, 'd_model=(16|48)')] == [
+        r.name for r in runs if 'd_model=16' in r.name or 'd_model=48' in r.name]
+    cooldown = next(r for r in runs if r.parent)
+    picked = sweep.only(runs, f'^{re.escape(cooldown.name)}$')
+    assert [r.name for r in picked] == [cooldown.parent, cooldown.name]   # sweep order
+    with pytest.raises(ConfigError, match=r"--only='d_model=\(' is not a regular expression"):
+        sweep.only(runs, 'd_model=(')
+    with pytest.raises(ConfigError, match="--only='d_model=99' matches no run"):
+        sweep.only(runs, 'd_model=99')
 
 
 def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
@@ -234,6 +249,9 @@ def test_slurm_and_tpu_job_files(base, tmp_path):
     text = open(launch).read()
     assert '--shard=0/2' in text and '--shard=1/2' in text and 'vm-b' in text
     assert 'MODULE=pretrain.sweep bash launch/tpu_vm.sh vm-a' in text and 'gcloud' not in text
+    (launch,) = executors.write_tpu(workdir, 'configs/sweeps/x.py', ['vm-a'], 'zone-1',
+                                    only='steps=4000')
+    assert '--parallel=1 --only=steps=4000 >' in open(launch).read()
     for f in [submit, launch, os.path.join(sweep.ROOT, executors.SLURM_TEMPLATE)]:
         subprocess.run(['bash', '-n', f], check=True)
 

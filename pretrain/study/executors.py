@@ -171,10 +171,12 @@ def write_slurm(runs: Sequence[Run], workdir: str, sweep_path: str, max_parallel
     return files + [submit]
 
 
-def write_tpu(workdir: str, sweep_path: str, workers: Sequence[str], zone: str) -> list[str]:
+def write_tpu(workdir: str, sweep_path: str, workers: Sequence[str], zone: str,
+              only: str = '') -> list[str]:
     """launch.sh: `launch/tpu_vm.sh` on each TPU VM with one shard of the sweep (whole cooldown
-    families per shard); every VM expands the sweep itself, so the shards are a pure function
-    of the sweep file. --workdir must be storage every VM sees."""
+    families per shard); every VM expands the sweep itself (narrowed by `only`, a --only
+    pattern), so the shards are a pure function of the sweep file and the pattern. --workdir
+    must be storage every VM sees."""
     out = os.path.join(os.path.abspath(workdir), 'tpu')
     os.makedirs(out, exist_ok=True)
     script = os.path.join(out, 'launch.sh')
@@ -184,7 +186,7 @@ def write_tpu(workdir: str, sweep_path: str, workers: Sequence[str], zone: str) 
     for i, vm in enumerate(workers):
         args = ' '.join(shlex.quote(a) for a in (
             f'--sweep={_repo_path(sweep_path)}', f'--workdir={os.path.abspath(workdir)}',
-            f'--shard={i}/{len(workers)}', '--parallel=1'))
+            f'--shard={i}/{len(workers)}', '--parallel=1', *([f'--only={only}'] if only else [])))
         log = shlex.quote(os.path.join(out, vm + '.log'))
         lines.append(f'MODULE=pretrain.sweep bash {TPU_LAUNCHER} {shlex.quote(vm)} "$ZONE" -- '
                      f'{args} > {log} 2>&1 & pids+=($!)')

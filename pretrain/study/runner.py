@@ -30,6 +30,7 @@ class SweepOptions:
     parallel: int = 1                # local: runs at once, each in a subprocess; 0 = in this process
     shard: str = ''                  # I/N: only the I-th of N shards (whole families)
     run: str = ''                    # train only this run, in this process
+    only: str = ''                   # regex: only the runs whose names match (and their parents)
     slurm_max_parallel: int = 8
     tpu_workers: Sequence[str] = ()
     tpu_zone: str = 'us-central2-b'
@@ -57,6 +58,8 @@ def select(options: SweepOptions, num_devices: int) -> tuple[Sweep, list[Run], l
     shard = parse_shard(options.shard)
     if shard is not None:
         runs = sweep_lib.shard(every, *shard)
+    if options.only:
+        runs = sweep_lib.only(runs, options.only)
     if options.run:
         runs = [r for r in every if r.name == options.run]
         if not runs:
@@ -107,7 +110,7 @@ def run_sweep(options: SweepOptions) -> int:
             if not options.tpu_workers:
                 raise ConfigError('--executor=tpu needs --tpu_workers=VM1,VM2,...')
             files = executors.write_tpu(workdir, options.sweep, options.tpu_workers,
-                                        options.tpu_zone)
+                                        options.tpu_zone, options.only)
             print(f'wrote {files[0]}; start it with: bash {files[0]}')
             return 0
         outcome = executors.run_local(sweep, runs, workdir, options.sweep, options.parallel)

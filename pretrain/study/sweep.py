@@ -231,6 +231,21 @@ def shard(runs: Sequence[Run], index: int, count: int) -> list[Run]:
     mine = set(families[index::count])
     return [r for r in runs if (r.parent or r.name) in mine]
 
+def only(runs: Sequence[Run], pattern: str) -> list[Run]:
+    """The runs whose name contains a match of the regular expression `pattern`, with the parents
+    of the cooldowns among them (a cooldown needs its parent's checkpoint), in sweep order."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f'--only={pattern!r} is not a regular expression: {e}') from None
+    chosen = {r.name for r in runs if regex.search(r.name)}
+    chosen |= {r.parent for r in runs if r.name in chosen and r.parent}
+    if not chosen:
+        raise ConfigError(f'--only={pattern!r} matches no run of the sweep; its first runs: '
+                          + ', '.join(r.name for r in runs[:3]))
+    return [r for r in runs if r.name in chosen]
+
+
 def run_dir(workdir: str, name: str) -> str:
     """WORKDIR/runs/NAME: where a run trains, checkpoints and leaves its result."""
     return os.path.join(os.path.abspath(workdir), 'runs', name)

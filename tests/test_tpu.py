@@ -146,7 +146,8 @@ def test_layouts_are_tried_in_order_until_one_fits(monkeypatch):
 
 def test_micro_batch_counts_that_cannot_fit_are_not_compiled(monkeypatch):
     """A refusal at a micro-batches asking T bounds every count a' > a from below by T a / a'
-    (only activations shrink): the counts under that bound are compiled, the rest skipped."""
+    (only activations shrink; halved for the compiler's scheduling): the counts whose bound
+    fits are compiled, the rest skipped."""
     compiled = []
     oom = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
            'temporaries ({:.2f}G) exceeds available HBM (15.75G).')
@@ -154,7 +155,7 @@ def test_micro_batch_counts_that_cannot_fit_are_not_compiled(monkeypatch):
     def fake_compile(config, devices, remat, grad_accum, tensor, families):
         compiled.append((remat, grad_accum))
         candidate = tpu_fit.Candidate(remat, grad_accum, tensor)
-        asked = 2.0 + 188.0 / grad_accum   # 190G at one micro-batch, 13.75G at 16
+        asked = 2.0 + 188.0 / grad_accum   # 190G at one micro-batch, 25.5G at 8, 13.75G at 16
         if asked > 15.75:
             candidate.error = 'compiler: ' + oom.format(asked)
         else:
@@ -165,20 +166,21 @@ def test_micro_batch_counts_that_cannot_fit_are_not_compiled(monkeypatch):
     monkeypatch.setattr(tpu_fit, '_compile', fake_compile)
     monkeypatch.setattr(tpu_fit, '_line', lambda candidate: '')
     advice = tpu_fit.advise(None, 'v5e:4x4', remats=('none',), grad_accums=(1, 2, 4, 8, 16))
-    assert compiled == [('none', 1), ('none', 16)]   # 190/2, 190/4, 190/8 > 15.75: skipped
+    # Halved bounds from 190G: 47.5, 23.75 (skipped), 11.9 at 8 (compiled: refused at 25.5G),
+    # then from 25.5G at 8: 6.4 at 16 (compiled, fits).
+    assert compiled == [('none', 1), ('none', 8), ('none', 16)]
     skipped = [c for c in advice['candidates'] if c['error'].startswith(tpu_fit.SKIPPED)]
-    assert [c['grad_accum'] for c in skipped] == [2, 4, 8]
-    assert 'at least 23.75G of temporaries against 15.75G free' in skipped[-1]['error']
+    assert [c['grad_accum'] for c in skipped] == [2, 4]
+    assert 'more than 23.75G of temporaries against 15.75G free' in skipped[-1]['error']
     assert advice['best']['grad_accum'] == 16
     compiled.clear()   # --all compiles every count
     tpu_fit.advise(None, 'v5e:4x4', remats=('none',), grad_accums=(1, 2, 4, 8, 16),
                    exhaustive=True)
     assert compiled == [('none', 1), ('none', 2), ('none', 4), ('none', 8), ('none', 16)]
-    compiled.clear()   # a resumed search bounds from a refusal it recorded before
-    done = [{'remat': 'none', 'grad_accum': 1, 'tensor': None, 'fits': False,
-             'error': 'compiler: ' + oom.format(190.0)}]
+    compiled.clear()   # a resumed search bounds from a refusal it recorded before and decides
+    done = advice['candidates'][:3]   # its skips afresh (the 1 compiled row, 2 skipped)
     tpu_fit.advise(None, 'v5e:4x4', remats=('none',), grad_accums=(1, 2, 4, 8, 16), done=done)
-    assert compiled == [('none', 16)]
+    assert compiled == [('none', 8), ('none', 16)]
 
 
 def test_cli_flag_misuse_is_a_usage_error():

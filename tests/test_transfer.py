@@ -180,3 +180,20 @@ def test_a_sweep_with_no_size_past_its_lr_floor_reports_and_plots_without_failin
     paths = transfer.write_report(rows, str(tmp_path), 'width', n_boot=10)
     assert 'In progress' in open(paths[1]).read()
     assert os.path.getsize(paths[2]) > 0
+
+
+def test_each_size_gets_its_own_optimum_interval_from_its_seeds():
+    """A size whose seeds disagree on the optimum gets a wide interval, one whose seeds agree a
+    point: the table says which size widens the drift's interval."""
+    ks = range(-20, -7)
+    def grid(centres):
+        return transfer.grid_from_cells({(seed, 2.0 ** (k / 2)): 0.1 * (k / 2 - c) ** 2
+                                         for seed, c in enumerate(centres) for k in ks})
+    d = transfer.drift({32: grid([-7.0, -6.0, -8.0]), 64: grid([-7.0, -7.0, -7.0])}, n_boot=300)
+    low, high = d['optima_interval'][32]
+    assert low < -7.5 and high > -6.5   # resampling reaches the seeds' -8 and -6
+    assert d['optima_interval'][64] == pytest.approx([-7.0, -7.0])
+    text = transfer.markdown({'axis': 'width', 'groups': [{
+        'variant': 'mup', 'steps': 1000, 'drift': d, 'transferred_lr': None, 'noise_floor': math.nan,
+        'larger_is_better': []}], 'verdicts': []})
+    assert f'| mup | 1000 | 64 | 3 | 2^-7.00 = 0.00781 | [-7.000, -7.000] |' in text

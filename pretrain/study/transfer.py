@@ -151,20 +151,28 @@ def drift(group_grids: Mapping[int, Grid], n_boot: int = 2000, seed: int = 0) ->
     span = math.log2(sizes[-1] / sizes[0])
     slope = _slope(sizes, [optima[s].log2_lr for s in sizes])
     rng = np.random.default_rng(seed)
-    boot = []
+    boot, boot_optima = [], {s: [] for s in sizes}
     for _ in range(n_boot):
         ys = []
         for s in sizes:
             g = group_grids[s]
             ys.append(optimum(g.lrs, g.mean_over(rng.integers(0, len(g.seeds), len(g.seeds)))).log2_lr)
+            boot_optima[s].append(ys[-1])
         if all(math.isfinite(y) for y in ys):
             boot.append(_slope(sizes, ys) * span)
     low, high = (np.percentile(boot, [2.5, 97.5]).tolist() if boot else [math.nan, math.nan])
+    # Each size's own interval (its seeds resampled) says which sizes make the drift's wide.
+    out['optima_interval'] = {s: _percentiles([y for y in ys if math.isfinite(y)])
+                              for s, ys in boot_optima.items()}
     # 'interval' is for the drift over the whole range (what the goal bounds); per doubling it is
     # that interval / span.
     return {**out, 'per_doubling': slope, 'total': slope * span, 'interval': [low, high],
             'interval_per_doubling': [low / span, high / span],
             'all_bracketed': all(optima[s].bracketed for s in sizes)}
+
+
+def _percentiles(values: Sequence[float]) -> list[float]:
+    return np.percentile(values, [2.5, 97.5]).tolist() if values else [math.nan, math.nan]
 
 
 def paired_difference(a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float]) -> dict[str, Any]:
@@ -385,12 +393,14 @@ def _fmt_interval(interval: Sequence[float]) -> str:
 def markdown(result: Mapping[str, Any]) -> str:
     """Tables of the optima, drifts, paired differences and verdicts."""
     axis = result['axis']
-    lines = [f'| variant | steps | {axis} | seeds | optimal LR | loss at optimum | bracketed |',
-             '|---|---|---|---|---|---|---|']
+    lines = [f'| variant | steps | {axis} | seeds | optimal LR | log2 LR, 95% interval (seeds '
+             'resampled) | loss at optimum | bracketed |', '|---|---|---|---|---|---|---|---|']
     for g in result['groups']:
         for size, o in g['drift']['optima'].items():
+            interval = g['drift'].get('optima_interval', {}).get(size, [math.nan, math.nan])
             lines.append(f'| {g["variant"]} | {g["steps"]} | {size} | {g["drift"]["seeds"][size]} | '
-                         f'2^{o["log2_lr"]:.2f} = {2 ** o["log2_lr"]:.3g} | {o["loss"]:.4f} | '
+                         f'2^{o["log2_lr"]:.2f} = {2 ** o["log2_lr"]:.3g} | '
+                         f'{_fmt_interval(interval)} | {o["loss"]:.4f} | '
                          f'{"yes" if o["bracketed"] else "no (edge)" if o["at_edge"] else "no"} |')
     lines += ['', '| variant | steps | drift per doubling (octaves) | its 95% interval | over the range | '
               'its 95% interval | '

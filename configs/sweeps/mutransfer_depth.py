@@ -12,8 +12,9 @@ centred half an octave lower per doubling of depth, where its optimum was expect
 centred on the tuned LR like the others: at depths 4 and 8 that added the points above the old
 grid; the old runs below the new grid stay in the folder but are no sweep points, so the fit
 does not use them. Runs are ordered by
-cost: every seed of depths 2-8 first, then depth 16 seed by seed (a depth-16 run costs about 8
-depth-2 runs), so a partial sweep has all seeds where runs are cheap.
+cost: every seed of depths 2-8 first, then 5 more seeds of the base depth (`BASE_SEEDS`), then
+depth 16 seed by seed (a depth-16 run costs about 8 depth-2 runs), so a partial sweep has all
+seeds where runs are cheap.
 """
 
 import math
@@ -28,21 +29,35 @@ VARIANTS = {'sp': {'parametrization.name': 'sp'},
             'depth_mup': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 0.5},
             'completep': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 1.0}}
 EXTRA = {}   # {(variant, depth): [k, ...]} points added where a grid missed its optimum
+# More seeds of the base depth (seconds a run): with 3 its per-seed optima spread over 1.6
+# octaves (2^-7.05 ... 2^-5.43) and its interval was most of every drift's, as in the width
+# study (configs/sweeps/mutransfer_hidden_init_rule.py). After depths 2-8, before depth 16.
+BASE_SEEDS = [3, 4, 5, 6, 7]
 
 
 def _centre() -> int:
     return round(2 * math.log2(TUNED['optim.lr']))   # every variant, every depth (docstring)
 
 
+def _grid(variant: str, depth: int) -> list[int]:
+    centre = _centre()
+    return sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), [])))
+
+
 def points() -> list[dict]:
     out = []
-    for group, seed in ((g, s) for g in common.cost_groups(DEPTHS, 8) for s in SEEDS):
-        for depth in group:
-            for variant, values in VARIANTS.items():
-                centre = _centre()
-                for k in sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), []))):
-                    out.append({**values, 'model.n_layers': depth, 'seed': seed,
-                                'optim.lr': 2.0 ** (k / 2)})
+    groups = common.cost_groups(DEPTHS, 8)
+    for group_index, group in enumerate(groups):
+        for seed in SEEDS:
+            for depth in group:
+                for variant, values in VARIANTS.items():
+                    out += [{**values, 'model.n_layers': depth, 'seed': seed,
+                             'optim.lr': 2.0 ** (k / 2)} for k in _grid(variant, depth)]
+        if group_index == 0:
+            for seed in BASE_SEEDS:
+                for variant, values in VARIANTS.items():
+                    out += [{**values, 'model.n_layers': common.BASE_DEPTH, 'seed': seed,
+                             'optim.lr': 2.0 ** (k / 2)} for k in _grid(variant, common.BASE_DEPTH)]
     return out
 
 

@@ -28,7 +28,9 @@ SEEDS = [0, 1, 2]
 VARIANTS = {'sp': {'parametrization.name': 'sp'},
             'depth_mup': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 0.5},
             'completep': {'parametrization.name': 'depth_mup', 'parametrization.depth_alpha': 1.0}}
-EXTRA = {}   # {(variant, depth): [k, ...]} points added where a grid missed its optimum
+# {(variant, depth): [k, ...]} points added where a grid missed its optimum: depth-µP's at 16
+# sat at the top edge (2^-4.5) with 3 seeds.
+EXTRA = {('depth_mup', 16): [-8, -7]}
 # More seeds of the base depth (seconds a run): with 3 its per-seed optima spread over 1.6
 # octaves (2^-7.05 ... 2^-5.43) and its interval was most of every drift's, as in the width
 # study (configs/sweeps/mutransfer_hidden_init_rule.py). After depths 2-8, before depth 16.

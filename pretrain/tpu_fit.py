@@ -11,11 +11,12 @@ cheapest in compute, the micro-batch counts are tried from the fewest up and the
 ends that policy's search (more micro-batches only add time); a policy with more recompute is
 tried only with fewer micro-batches than a cheaper policy already fits with (with as many it
 only adds work). A count whose temporaries cannot fit, judged from a refusal with fewer
-micro-batches (only the activations shrink with the micro-batch), is not compiled: an 8B model's
-refusals take minutes each. --all compiles every combination. The config's own mesh is searched first;
-only if nothing fits with it, each --tensor size is tried in turn (mesh.ici.tensor set, the
-config's -1 axis taking the rest), stopping at the first layout with a fit: the roofline leaves
-out the collectives that set layouts apart, so it cannot rank them, only say which fit.
+micro-batches (only the activations shrink with the micro-batch), is not compiled: an 8B
+model's refusals take minutes each. --all compiles every combination. The config's own mesh is
+searched first; only if nothing fits with it, each --tensor size is tried in turn
+(mesh.ici.tensor set, the config's -1 axis taking the rest), stopping at the first layout with
+a fit: the roofline leaves out the collectives that set layouts apart, so it cannot rank them,
+only say which fit.
 The estimate is a roofline (compute vs HBM traffic, no collectives): it ranks candidates, it does
 not measure them. Nothing is written except --out.
 """
@@ -109,7 +110,7 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
                 if not exhaustive and fewest is not None and grad_accum >= fewest:
                     break   # more recompute at no fewer micro-batches: not faster
                 row = reuse.get((tensor, remat, grad_accum))
-                too_big = None if exhaustive else _cannot_fit(refused, grad_accum)
+                too_big = '' if exhaustive else _cannot_fit(refused, grad_accum)
                 if row is None and too_big:
                     candidate = Candidate(remat, grad_accum, tensor, error=too_big)
                 elif row is None:
@@ -150,7 +151,7 @@ def _cannot_fit(refused: tuple[float, float, int] | None, grad_accum: int) -> st
     Temporaries are a part that does not shrink with the micro-batch (gradients, optimizer
     update) plus activations that shrink in proportion: T(a) = F + A / a with F, A >= 0, so
     T(a) >= T(a0) * a0 / a for a >= a0. The compiler's scheduling bends that model: over the
-    20 pairs of successive refusals in docs/tpu_fit/, T(a) a / (T(a0) a0) ran from 0.70 to 1.8,
+    20 pairs of successive compiles in docs/tpu_fit/, T(a) a / (T(a0) a0) ran from 0.70 to 1.8,
     so the bound is halved (BOUND_SLACK) before it rules a count out. Where even that exceeds
     the free HBM, the compile (minutes for a large model) can only be refused, and is left out."""
     if refused is None:

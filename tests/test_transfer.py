@@ -196,4 +196,4 @@ def test_each_size_gets_its_own_optimum_interval_from_its_seeds():
     text = transfer.markdown({'axis': 'width', 'groups': [{
         'variant': 'mup', 'steps': 1000, 'drift': d, 'transferred_lr': None, 'noise_floor': math.nan,
         'larger_is_better': []}], 'verdicts': []})
-    assert f'| mup | 1000 | 64 | 3 | 2^-7.00 = 0.00781 | [-7.000, -7.000] |' in text
+    assert '| mup | 1000 | 64 | 3 | 2^-7.00 = 0.00781 | [-7.000, -7.000] |' in text

@@ -46,20 +46,18 @@ def _grid(variant: str, depth: int) -> list[int]:
     return sorted(set(range(centre - 3, centre + 4)) | set(EXTRA.get((variant, depth), [])))
 
 
+def _points(depth: int, seed: int) -> list[dict]:
+    """Every variant's grid at one depth and seed."""
+    return [{**values, 'model.n_layers': depth, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+            for variant, values in VARIANTS.items() for k in _grid(variant, depth)]
+
+
 def points() -> list[dict]:
     out = []
-    groups = common.cost_groups(DEPTHS, 8)
-    for group_index, group in enumerate(groups):
-        for seed in SEEDS:
-            for depth in group:
-                for variant, values in VARIANTS.items():
-                    out += [{**values, 'model.n_layers': depth, 'seed': seed,
-                             'optim.lr': 2.0 ** (k / 2)} for k in _grid(variant, depth)]
-        if group_index == 0:
-            for seed in BASE_SEEDS:
-                for variant, values in VARIANTS.items():
-                    out += [{**values, 'model.n_layers': common.BASE_DEPTH, 'seed': seed,
-                             'optim.lr': 2.0 ** (k / 2)} for k in _grid(variant, common.BASE_DEPTH)]
+    for group_index, group in enumerate(common.cost_groups(DEPTHS, 8)):
+        out += [p for seed in SEEDS for depth in group for p in _points(depth, seed)]
+        if group_index == 0:   # the cheap depths: the base's extra seeds come with them
+            out += [p for seed in BASE_SEEDS for p in _points(common.BASE_DEPTH, seed)]
     return out
 
 

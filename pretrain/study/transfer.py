@@ -160,7 +160,7 @@ def drift(group_grids: Mapping[int, Grid], n_boot: int = 2000, seed: int = 0) ->
             boot_optima[s].append(ys[-1])
         if all(math.isfinite(y) for y in ys):
             boot.append(_slope(sizes, ys) * span)
-    low, high = (np.percentile(boot, [2.5, 97.5]).tolist() if boot else [math.nan, math.nan])
+    low, high = _percentiles(boot)
     # Each size's own interval (its seeds resampled) says which sizes make the drift's wide.
     out['optima_interval'] = {s: _percentiles([y for y in ys if math.isfinite(y)])
                               for s, ys in boot_optima.items()}

@@ -38,9 +38,12 @@ PUBLISHED = {
 }
 EXTRA_PAIRS = [('llama_8b', 'v6e:16x16')]   # run for the comparison with the published figure
 
-_CONFIGS = flags.DEFINE_list('configs', CONFIGS, 'Config names under configs/.')
-_TOPOLOGIES = flags.DEFINE_list('topologies', TOPOLOGIES, 'TPU topologies.')
-_OUT = flags.DEFINE_string('out', 'docs', 'Folder of tpu_fit.md and tpu_fit/.')
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so that tests can import the table's code."""
+    flags.DEFINE_list('configs', CONFIGS, 'Config names under configs/.')
+    flags.DEFINE_list('topologies', TOPOLOGIES, 'TPU topologies.')
+    flags.DEFINE_string('out', 'docs', 'Folder of tpu_fit.md and tpu_fit/.')
 
 
 def _config(name: str):
@@ -113,16 +116,18 @@ def _row(advice: dict[str, Any]) -> str:
     config, topology = advice['config'], advice['topology']
     best = advice['best']
     tried = sum(not c.get('error', '').startswith(tpu_fit.SKIPPED) for c in advice['candidates'])
+    died = sum(c.get('error', '').startswith(tpu_fit.DIED) for c in advice['candidates'])
+    tried = f'{tried} tried' + (f', {died} of them ended the compiling process' if died else '')
     if best is None:
         why = advice.get('error') or tpu_fit.nothing_fits(advice['candidates'])
-        return f'| {config} | {topology} | - | - | - | - | {why} ({tried} tried) |'
+        return f'| {config} | {topology} | - | - | - | - | {why} ({tried}) |'
     r = best['dry_run']
     t = r['tpu']
     used = r['total_bytes'] / tpu.GIB
     mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items() if v > 1)
     return (f'| {config} | {topology} | {mesh} | {best["remat"]}, accum {best["grad_accum"]} | '
             f'{used:.2f} / {t["hbm_bytes"] / tpu.GIB:.0f} GiB | {t["step_s"] * 1e3:.0f} ms '
-            f'({t["bound"]}) | {100 * t["mfu"]:.1f}% ({tried} tried) |')
+            f'({t["bound"]}) | {100 * t["mfu"]:.1f}% ({tried}) |')
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -144,7 +149,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         'micro-batches than a cheaper one already fits with; a micro-batch count is not compiled',
         'when a refusal with fewer already shows that its temporaries cannot fit, as only the',
         'activations shrink with the micro-batch), and picks the fastest fit by the estimate;',
-        '"tried" counts the compiled candidates. Transformer configs run with the splash',
+        '"tried" counts the compiled candidates; a compile that ended the compiling process',
+        '(the host\'s out-of-memory killer: a large step, its layers unrolled, can take more',
+        'host memory than the 23 GB this table was compiled with) is counted and named, and not',
+        'retried on resume.',
+        'Transformer configs run with the splash',
         'attention kernel, as a TPU run would.',
         'The layout is fsdp over every chip first; only where nothing fits with it are tensor-',
         'parallel layouts tried (tensor 4, then 8, fsdp taking the rest), stopping at the first',
@@ -183,21 +192,23 @@ def main(argv) -> None:
     tpu.check_libtpu()
     import jax
     jax.config.update('jax_platforms', 'cpu')
-    pairs = [(c, t) for c in _CONFIGS.value for t in _TOPOLOGIES.value]
-    pairs += [p for p in EXTRA_PAIRS if p not in pairs and p[0] in _CONFIGS.value]
+    FLAGS = flags.FLAGS
+    pairs = [(c, t) for c in FLAGS.configs for t in FLAGS.topologies]
+    pairs += [p for p in EXTRA_PAIRS if p not in pairs and p[0] in FLAGS.configs]
     for config, topology in pairs:
-        run_pair(_OUT.value, config, topology)
+        run_pair(FLAGS.out, config, topology)
     saved = []
-    folder = os.path.join(_OUT.value, 'tpu_fit')
+    folder = os.path.join(FLAGS.out, 'tpu_fit')
     for config in CONFIGS:
         for topology in TOPOLOGIES + [t for c, t in EXTRA_PAIRS if c == config]:
-            if os.path.exists(_path(_OUT.value, config, topology)):
-                with open(_path(_OUT.value, config, topology)) as f:
+            if os.path.exists(_path(FLAGS.out, config, topology)):
+                with open(_path(FLAGS.out, config, topology)) as f:
                     saved.append(reestimate(json.load(f)))
-    with open(os.path.join(_OUT.value, 'tpu_fit.md'), 'w') as f:
+    with open(os.path.join(FLAGS.out, 'tpu_fit.md'), 'w') as f:
         f.write(markdown(saved))
-    print(f'wrote {os.path.join(_OUT.value, "tpu_fit.md")} ({len(saved)} results in {folder})')
+    print(f'wrote {os.path.join(FLAGS.out, "tpu_fit.md")} ({len(saved)} results in {folder})')
 
 
 if __name__ == '__main__':
+    _define_flags()
     app.run(main)

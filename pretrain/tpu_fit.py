@@ -90,9 +90,14 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
     `layouts` are tensor-parallel sizes (None: the config's mesh as it is), tried in order until
     one has a fit (all of them with `exhaustive`). `done` holds the rows of an interrupted search,
     reused instead of compiled again; `record` gets every row so far after each candidate (an
-    8B-parameter compile takes minutes: a caller can save them as they come)."""
+    8B-parameter compile takes minutes: a caller can save them as they come), and before each
+    compile the rows with that candidate marked `died:`, which its result replaces."""
     reuse = {(row.get('tensor'), row['remat'], row['grad_accum']): row for row in done
              if not row.get('error', '').startswith(SKIPPED)}   # skips are decided afresh
+    # A `died:` row in `done` was saved just before its compile and never replaced: the compile
+    # ended the process (a large model's TPU compile can take more host memory than the machine
+    # has, and the out-of-memory killer leaves no exception to catch). Compiling it again would
+    # only repeat that, so it is reused as its candidate's answer until removed from `done`.
     devices = tpu.devices(topology, num_slices)
     for remat in remats:   # names checked before the first (slow) compile
         if remat not in REMAT_ORDER:
@@ -114,7 +119,15 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
                 if row is None and too_big:
                     candidate = Candidate(remat, grad_accum, tensor, error=too_big)
                 elif row is None:
-                    candidate = _compile(config, devices, remat, grad_accum, tensor, families)
+                    if record is not None:   # stays if the compile kills the process (below)
+                        record([c.row() for c in candidates]
+                               + [Candidate(remat, grad_accum, tensor, error=DIED_TEXT).row()])
+                    try:
+                        candidate = _compile(config, devices, remat, grad_accum, tensor, families)
+                    except KeyboardInterrupt:   # an interrupt is not a verdict on the candidate
+                        if record is not None:
+                            record([c.row() for c in candidates])
+                        raise
                 else:
                     candidate = Candidate(remat, grad_accum, tensor, row.get('dry_run'),
                                           row.get('error', ''))
@@ -136,6 +149,10 @@ def advise(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1
 
 _OOM = re.compile(r'temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)')
 SKIPPED = 'skipped:'   # the prefix of a candidate left uncompiled by _cannot_fit
+DIED = 'died:'         # the prefix of a candidate whose compile ended the process
+DIED_TEXT = (f'{DIED} the process ended during this compile (the host\'s out-of-memory killer, '
+             'or a kill) and it is not compiled again on resume; remove this row from the saved '
+             'rows to retry')
 BOUND_SLACK = 0.5      # _cannot_fit's margin under the measured scaling of temporaries
 
 

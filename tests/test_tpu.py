@@ -15,6 +15,7 @@ import pytest
 
 import model_zoo
 from configs import ssm_tiny
+from experiments import tpu_fit as tpu_fit_experiment
 from pretrain import setup as setup_lib
 from pretrain import tpu, tpu_fit
 from pretrain.errors import ConfigError
@@ -129,6 +130,9 @@ def test_layouts_are_tried_in_order_until_one_fits(monkeypatch):
     compiled.clear()
     tpu_fit.advise(None, 'v5e:4x4', remats=('none', 'full'), grad_accums=(1, 2),
                    layouts=(None, 4), record=recorded.append)
+    # Each compile is recorded before it starts (as died) and after: 7 of each.
+    assert [rows[-1]['error'].startswith(tpu_fit.DIED) for rows in recorded] == [True, False] * 7
+    recorded = recorded[1::2]
     assert len(recorded) == 7 and len(recorded[-1]) == 7 and len(recorded[0]) == 1
     compiled.clear()
     again = tpu_fit.advise(None, 'v5e:4x4', remats=('none', 'full'), grad_accums=(1, 2),
@@ -142,6 +146,40 @@ def test_layouts_are_tried_in_order_until_one_fits(monkeypatch):
     assert tpu_fit.layouts_left(saved, (None, 4, 8)) == [4, 8]
     assert tpu_fit.layouts_left({**saved, 'best': advice['best']}, (None, 4, 8)) == []
     assert tpu_fit.layouts_left({**saved, 'error': 'config: ...'}, (None, 4, 8)) == []
+
+
+def test_a_compile_that_ended_the_process_is_an_answer_on_resume(monkeypatch):
+    """The out-of-memory killer leaves no exception: the row saved before the compile stays,
+    and a resumed search reports it instead of dying on it again; an interrupt leaves no row."""
+    compiled, saved = [], []
+
+    def killed_compile(config, devices, remat, grad_accum, tensor, families):
+        compiled.append((remat, grad_accum))
+        if (remat, grad_accum) == ('full', 2):
+            raise SystemExit(137)   # stands in for the process ending mid-compile
+        return tpu_fit.Candidate(remat, grad_accum, tensor, error='compiler: RESOURCE_EXHAUSTED')
+
+    monkeypatch.setattr(tpu, 'devices', lambda topology, slices: list(range(16)))
+    monkeypatch.setattr(tpu_fit, '_compile', killed_compile)
+    monkeypatch.setattr(tpu_fit, '_line', lambda candidate: '')
+    search = dict(remats=('full',), grad_accums=(1, 2, 4), record=saved.append)
+    with pytest.raises(SystemExit):
+        tpu_fit.advise(None, 'v5e:4x4', **search)
+    assert saved[-1][-1]['grad_accum'] == 2 and saved[-1][-1]['error'] == tpu_fit.DIED_TEXT
+    compiled.clear()
+    advice = tpu_fit.advise(None, 'v5e:4x4', done=saved[-1], **search)
+    assert compiled == [('full', 4)]
+    assert [c['error'][:8] for c in advice['candidates']] == ['compiler', 'died: th', 'compiler']
+    assert 'ended the compiling process' in tpu_fit_experiment._row({**advice, 'config': 'c'})
+
+    def interrupted_compile(config, devices, remat, grad_accum, tensor, families):
+        raise KeyboardInterrupt
+
+    saved.clear()
+    monkeypatch.setattr(tpu_fit, '_compile', interrupted_compile)
+    with pytest.raises(KeyboardInterrupt):
+        tpu_fit.advise(None, 'v5e:4x4', **search)
+    assert saved[-1] == []   # nothing to resume from: the candidate is compiled again
 
 
 def test_micro_batch_counts_that_cannot_fit_are_not_compiled(monkeypatch):

@@ -148,8 +148,11 @@ def test_tiny_sweep_end_to_end_with_resume(base, tmp_path, monkeypatch, capsys):
     trained = []
     real_run = train.run
     monkeypatch.setattr(train, 'run', lambda *a, **k: trained.append(real_run(*a, **k)) or trained[-1])
-    outcome = executors.run_local(sw, runs, workdir, 'unused.py', parallel=0)
-    assert outcome == {**{r.name: 'skipped' for r in runs[:-1]}, last: 'done'}
+    # As with --only: the unfinished run alone is selected; results.jsonl keeps the others' rows.
+    outcome = executors.run_local(sw, runs[-1:], workdir, 'unused.py', parallel=0, every=runs)
+    assert outcome == {last: 'done'}
+    assert executors.run_local(sw, runs, workdir, 'unused.py', parallel=0) == {
+        r.name: 'skipped' for r in runs}
     assert stamps == {n: os.path.getmtime(os.path.join(sweep.run_dir(workdir, n), results.RESULT))
                       for n in stamps}
     (resumed,) = trained   # only the unfinished run trained, from its step-3 checkpoint

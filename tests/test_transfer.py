@@ -197,3 +197,24 @@ def test_each_size_gets_its_own_optimum_interval_from_its_seeds():
         'variant': 'mup', 'steps': 1000, 'drift': d, 'transferred_lr': None, 'noise_floor': math.nan,
         'larger_is_better': []}], 'verdicts': []})
     assert '| mup | 1000 | 64 | 3 | 2^-7.00 = 0.00781 | [-7.000, -7.000] |' in text
+
+
+def test_each_ordering_is_compared_across_lengths_on_the_sizes_every_length_ran():
+    """Long runs at the two smallest sizes only: the short runs' verdicts are recomputed on
+    those sizes, so a verdict that changes with length is a change, not a different range."""
+    short = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32, 64, 128))
+    long_same = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32, 64), steps=4000)
+    result = transfer.report(short + long_same, n_boot=100)
+    rows = {(x['variant'], x['criterion'].split()[0]): x for x in result['across_lengths']}
+    assert all(x['sizes'] == [32, 64] for x in rows.values())
+    assert rows[('mup', 'every')]['holds'] == 'yes'
+    assert list(rows[('mup', 'every')]['by_steps']) == [1000, 4000]
+    assert rows[('mup', 'every')]['by_steps'][1000]['numbers'].startswith('32 -> 64 -0.05')
+    assert rows[('sp', 'drifts')]['holds'] == 'yes'
+    # At 4x the length the width no longer helps: that ordering does not hold.
+    long_flat = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32, 64), steps=4000, gap=-0.05)
+    changed = transfer.report(short + long_flat, n_boot=100)['across_lengths']
+    ladder = next(x for x in changed if x['variant'] == 'mup' and x['criterion'].startswith('every'))
+    assert ladder['holds'] == 'no' and ladder['by_steps'][4000]['verdict'] == 'not met'
+    assert 'Across training lengths' in transfer.markdown({**result, 'across_lengths': changed})
+    assert transfer.report(short, n_boot=50)['across_lengths'] == []   # one length: nothing to compare

@@ -57,8 +57,12 @@ def sweep_command(sweep_path: str, workdir: str, *extra: str) -> list[str]:
 
 
 def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
-              parallel: int, say: Callable[[str], None] = print) -> dict[str, str]:
+              parallel: int, say: Callable[[str], None] = print,
+              every: Sequence[Run] = ()) -> dict[str, str]:
     """Runs what is unfinished, parents before their cooldowns; returns {name: outcome}.
+
+    After each run results.jsonl is rewritten from `every` (the whole sweep, when `runs` is a
+    part of it: --only, --shard), so that it never drops the rows of the runs not selected.
 
     parallel=0: in this process, one run at a time (no start-up cost, one compilation cache);
     else up to `parallel` subprocesses at once, each `python -m pretrain.sweep --run=NAME`.
@@ -66,6 +70,7 @@ def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
     """
     outcome = {r.name: 'skipped' for r in runs if is_done(workdir, r.name)}
     todo = [r for r in runs if r.name not in outcome]
+    every = every or runs
     if parallel == 0:
         for r in todo:
             if any(o == 'preempted' for o in outcome.values()):
@@ -77,12 +82,12 @@ def run_local(sweep: Sweep, runs: Sequence[Run], workdir: str, sweep_path: str,
             say(f'[sweep] {r.name}: starting')
             outcome[r.name] = run_one(sweep, r, workdir)
             say(f'[sweep] {r.name}: {outcome[r.name]}')
-            collect(runs, workdir)
+            collect(every, workdir)
         return outcome
-    return _run_subprocesses(runs, todo, outcome, workdir, sweep_path, parallel, say)
+    return _run_subprocesses(every, todo, outcome, workdir, sweep_path, parallel, say)
 
 
-def _run_subprocesses(runs: Sequence[Run], todo: list[Run], outcome: dict[str, str],
+def _run_subprocesses(every: Sequence[Run], todo: list[Run], outcome: dict[str, str],
                       workdir: str, sweep_path: str, parallel: int,
                       say: Callable[[str], None]) -> dict[str, str]:
     running: dict[str, subprocess.Popen] = {}
@@ -93,7 +98,7 @@ def _run_subprocesses(runs: Sequence[Run], todo: list[Run], outcome: dict[str, s
                     del running[name]
                     outcome[name] = _outcome(proc.returncode, workdir, name)
                     say(f'[sweep] {name}: {outcome[name]}')
-                    collect(runs, workdir)
+                    collect(every, workdir)
             if todo and any(o == 'preempted' for o in outcome.values()):
                 for r in todo:     # start nothing more; the ones still running stop by themselves
                     outcome[r.name] = NOT_STARTED_PREEMPTED

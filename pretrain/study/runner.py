@@ -113,7 +113,8 @@ def run_sweep(options: SweepOptions) -> int:
                                         options.tpu_zone, options.only)
             print(f'wrote {files[0]}; start it with: bash {files[0]}')
             return 0
-        outcome = executors.run_local(sweep, runs, workdir, options.sweep, options.parallel)
+        outcome = executors.run_local(sweep, runs, workdir, options.sweep, options.parallel,
+                                      every=every)
     except ConfigError as e:
         print(f'config error: {e}', file=sys.stderr)
         return 2

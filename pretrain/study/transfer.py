@@ -79,15 +79,21 @@ def _mean_finite_or_inf(column: np.ndarray) -> float:
     return math.inf if np.isinf(column).any() else float(column.mean())
 
 
+def _group_of(row: Mapping[str, Any], axis: str) -> tuple[str, int, int]:
+    """A results.jsonl row's (variant, steps, size)."""
+    c = row['config']
+    size = c['model']['d_model'] if axis == 'width' else c['model']['n_layers']
+    return variant_of(c), int(c['train']['steps']), int(size)
+
+
 def grids(rows: Sequence[Mapping[str, Any]], axis: str) -> dict[tuple[str, int, int], Grid]:
     """results.jsonl rows -> {(variant, steps, size): Grid}; held-out and unfinished rows skipped."""
-    key_of_size = {'width': ('model', 'd_model'), 'depth': ('model', 'n_layers')}[axis]
     cells: dict[tuple[str, int, int], dict[tuple[int, float], float]] = {}
     for r in rows:
         if r.get('heldout') or r.get('status') not in ('done', 'diverged'):
             continue
         c = r['config']
-        group = (variant_of(c), int(c['train']['steps']), int(c[key_of_size[0]][key_of_size[1]]))
+        group = _group_of(r, axis)
         loss = math.inf if r['status'] == 'diverged' or r.get('final_loss') is None else float(r['final_loss'])
         cells.setdefault(group, {})[(int(c['seed']), float(c['optim']['lr']))] = loss
     return {group: grid_from_cells(values) for group, values in sorted(cells.items())}
@@ -237,8 +243,9 @@ def _verdict(met: bool | None) -> str:
 
 
 def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | None = None,
-           n_boot: int = 2000) -> dict[str, Any]:
-    """Every criterion per (variant, steps), with numbers and a verdict."""
+           n_boot: int = 2000, lengths: bool = True) -> dict[str, Any]:
+    """Every criterion per (variant, steps), with numbers and a verdict; with `lengths`, also
+    each criterion compared across training lengths (`across_lengths`)."""
     by_group = grids(rows, axis)
     families: dict[tuple[str, int], dict[int, Grid]] = {}
     for (variant, steps, size), g in by_group.items():
@@ -290,7 +297,50 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
                 'criterion': f'every larger {axis} better at the transferred LR (interval < 0)',
                 'differences': [[x['from'], x['to'], x['mean'], x['interval']] for x in ladder]})
     out['verdicts'] += _against_tuned_sp(families, out['groups'])
+    if lengths:
+        out['across_lengths'] = across_lengths(rows, axis, base, n_boot)
     return out
+
+
+def across_lengths(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | None = None,
+                   n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Every criterion at each training length of a variant, computed on the sizes that every
+    length ran (longer runs cover only the smallest sizes), so that the verdicts compare like
+    with like: does each ordering still hold when training is longer?"""
+    sizes_at: dict[str, dict[int, set[int]]] = {}
+    for variant, steps, size in grids(rows, axis):
+        sizes_at.setdefault(variant, {}).setdefault(steps, set()).add(size)
+    common = {variant: set.intersection(*by_steps.values())
+              for variant, by_steps in sizes_at.items() if len(by_steps) > 1}
+    kept = [r for r in rows if r.get('config') and _group_of(r, axis)[0] in common
+            and _group_of(r, axis)[2] in common[_group_of(r, axis)[0]]]
+    if not kept:
+        return []
+    paired: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
+    for v in report(kept, axis, base, n_boot, lengths=False)['verdicts']:
+        paired.setdefault((v['variant'], v['criterion']), {})[v['steps']] = v
+    out = []
+    for (variant, criterion), by_steps in sorted(paired.items()):
+        verdicts = {steps: v['verdict'] for steps, v in sorted(by_steps.items())}
+        if len(verdicts) < 2 or 'not shown' in verdicts.values():
+            holds = 'not shown'
+        else:
+            holds = 'yes' if len(set(verdicts.values())) == 1 else 'no'
+        out.append({'variant': variant, 'criterion': criterion, 'sizes': sorted(common[variant]),
+                    'holds': holds, 'by_steps': {steps: {'verdict': v['verdict'], 'numbers': _numbers(v)}
+                                                 for steps, v in sorted(by_steps.items())}})
+    return out
+
+
+def _numbers(verdict: Mapping[str, Any]) -> str:
+    """A verdict's evidence in one line: the drift, the paired differences, or the gap to SP."""
+    if 'total_drift' in verdict:
+        return f'drift {verdict["total_drift"]:+.2f} octave {_fmt_interval(verdict["interval"])}'
+    if 'differences' in verdict:
+        return '; '.join(f'{a} -> {b} {mean:+.4f} {_fmt_interval(interval)}'
+                         for a, b, mean, interval in verdict['differences'])
+    d = verdict['difference']
+    return f'minus SP {d["mean"]:+.4f} {_fmt_interval(d["interval"])}'
 
 
 def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
@@ -441,6 +491,15 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines += ['', '| variant | steps | criterion | verdict |', '|---|---|---|---|']
     for v in result['verdicts']:
         lines.append(f'| {v["variant"]} | {v["steps"]} | {v["criterion"]} | **{v["verdict"]}** |')
+    if result.get('across_lengths'):
+        lines += ['', 'Across training lengths: each criterion recomputed on the sizes that every '
+                  'length ran, its verdict per length, and whether it holds at all of them:', '',
+                  f'| variant | {axis}s | criterion | per length (steps: verdict, numbers) | holds |',
+                  '|---|---|---|---|---|']
+        for x in result['across_lengths']:
+            per = '<br>'.join(f'{steps}: {v["verdict"]}, {v["numbers"]}' for steps, v in x['by_steps'].items())
+            lines.append(f'| {x["variant"]} | {", ".join(map(str, x["sizes"]))} | {x["criterion"]} | '
+                         f'{per} | **{x["holds"]}** |')
     return '\n'.join(lines) + '\n'
 
 

@@ -34,6 +34,9 @@ SP_DRIFT_HALF_OCTAVES_PER_DOUBLING = -1.25
 # at the bottom edge at 128 (it falls about 1 octave per doubling, faster than the -0.6 above).
 EXTRA = {**{('mup', w): [-8, -7] for w in (64, 128, 256, 512)},
          ('sp', 128): [-19, -18], ('sp', 256): [-23, -22, -21, -20], ('sp', 512): [-23, -22, -21]}
+# The same for the 4x-length runs only: at 4,000 steps SP's optimum at 64 sat at the grid's
+# bottom edge (2^-8) with seeds 0-1.
+EXTRA_LONG = {('sp', 64): [-18, -17]}
 # {(variant, width): [k, ...]}: where a run costs ~10 minutes, seeds 1-2 (and the rest of seed 0)
 # run only the 7 half-octave points around seed 0's optimum instead of the full grid plus extras:
 # µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5, SP's still fell at its lowest point,
@@ -49,7 +52,9 @@ def _centre(variant: str, width: int) -> int:
     return k
 
 
-def points(widths, steps: int) -> list[dict]:
+def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
+    extra = {key: EXTRA.get(key, []) + (extra or {}).get(key, [])
+             for key in set(EXTRA) | set(extra or {})}
     out = []
     for group in common.cost_groups(widths, 128):   # up to 128: minutes a run
         for seed in SEEDS:
@@ -57,7 +62,7 @@ def points(widths, steps: int) -> list[dict]:
                 for variant in ('mup', 'sp'):
                     ks = NARROW.get((variant, width)) or sorted(
                         set(range(_centre(variant, width) - 3, _centre(variant, width) + 4))
-                        | set(EXTRA.get((variant, width), [])))
+                        | set(extra.get((variant, width), [])))
                     for k in ks:
                         out.append({'parametrization.name': variant, 'model.d_model': width,
                                     'train.steps': steps, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)})
@@ -73,5 +78,5 @@ def derive(point: dict) -> dict:
 def get_sweep() -> Sweep:
     tuned = {k: v for k, v in TUNED.items() if k != 'optim.lr'}
     return Sweep(base='configs/lm_tiny.py',
-                 points=points(WIDTHS, common.STEPS) + points(LONG_WIDTHS, 4 * common.STEPS),
+                 points=points(WIDTHS, common.STEPS) + points(LONG_WIDTHS, 4 * common.STEPS, EXTRA_LONG),
                  fixed={**common.fixed(), **tuned}, derive=derive)

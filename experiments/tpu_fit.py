@@ -117,17 +117,17 @@ def _row(advice: dict[str, Any]) -> str:
     best = advice['best']
     tried = sum(not c.get('error', '').startswith(tpu_fit.SKIPPED) for c in advice['candidates'])
     died = sum(c.get('error', '').startswith(tpu_fit.DIED) for c in advice['candidates'])
-    tried = f'{tried} tried' + (f', {died} of them ended the compiling process' if died else '')
+    counted = f'{tried} tried' + (f', {died} of them ended the compiling process' if died else '')
     if best is None:
         why = advice.get('error') or tpu_fit.nothing_fits(advice['candidates'])
-        return f'| {config} | {topology} | - | - | - | - | {why} ({tried}) |'
+        return f'| {config} | {topology} | - | - | - | - | {why} ({counted}) |'
     r = best['dry_run']
     t = r['tpu']
     used = r['total_bytes'] / tpu.GIB
     mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items() if v > 1)
     return (f'| {config} | {topology} | {mesh} | {best["remat"]}, accum {best["grad_accum"]} | '
             f'{used:.2f} / {t["hbm_bytes"] / tpu.GIB:.0f} GiB | {t["step_s"] * 1e3:.0f} ms '
-            f'({t["bound"]}) | {100 * t["mfu"]:.1f}% ({tried}) |')
+            f'({t["bound"]}) | {100 * t["mfu"]:.1f}% ({counted}) |')
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

@@ -53,8 +53,8 @@ def _centre(variant: str, width: int) -> int:
 
 
 def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
-    extra = {key: EXTRA.get(key, []) + (extra or {}).get(key, [])
-             for key in set(EXTRA) | set(extra or {})}
+    """The grid of every (seed, width, variant); `extra` adds points beyond EXTRA's."""
+    extra = extra or {}
     out = []
     for group in common.cost_groups(widths, 128):   # up to 128: minutes a run
         for seed in SEEDS:
@@ -62,6 +62,7 @@ def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
                 for variant in ('mup', 'sp'):
                     ks = NARROW.get((variant, width)) or sorted(
                         set(range(_centre(variant, width) - 3, _centre(variant, width) + 4))
+                        | set(EXTRA.get((variant, width), []))
                         | set(extra.get((variant, width), [])))
                     for k in ks:
                         out.append({'parametrization.name': variant, 'model.d_model': width,

@@ -312,8 +312,12 @@ def across_lengths(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base:
         sizes_at.setdefault(variant, {}).setdefault(steps, set()).add(size)
     common = {variant: set.intersection(*by_steps.values())
               for variant, by_steps in sizes_at.items() if len(by_steps) > 1}
-    kept = [r for r in rows if r.get('config') and _group_of(r, axis)[0] in common
-            and _group_of(r, axis)[2] in common[_group_of(r, axis)[0]]]
+    kept = []
+    for r in rows:
+        if r.get('config'):
+            variant, _, size = _group_of(r, axis)
+            if size in common.get(variant, ()):
+                kept.append(r)
     if not kept:
         return []
     paired: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}

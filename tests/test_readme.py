@@ -181,9 +181,10 @@ CHECKS: dict[str, Check] = {
         replace=(('configs/sweeps/mutransfer_tuned.py', 'runs/tuned.py'),),
         expect=('runs/tuned.py', 'runs/base_ranking.md')),
     'python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py '
-    '--workdir=docs/mutransfer/width_sweep --parallel=2': Check(
+    '--workdir=docs/mutransfer/width_sweep --parallel=2 '
+    '--reuse_from=docs/mutransfer/hidden_init_rule_sweep,docs/depth_transfer/depth_sweep': Check(
         'run', 'mutransfer', flags=('--dry_run',), devices=1,
-        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='336 runs'),
+        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='406 runs'),
     'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
         'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
         expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),

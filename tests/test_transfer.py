@@ -146,6 +146,22 @@ def test_a_base_with_extra_seeds_keeps_every_size_in_the_fit():
     assert [step['seeds'] for step in group['larger_is_better']] == [3, 3]
 
 
+def test_two_sizes_with_extra_base_seeds_keep_both_and_compare_with_sp_above_the_base():
+    """With two sizes, a base of 8 seeds must not make the other size's 3 look unfinished (a
+    median over both would), and µP vs tuned SP is never scored at the base, where they are the
+    same model."""
+    rows = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32, 64))
+    extra = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32,), seeds=(3, 4, 5, 6, 7))
+    result = transfer.report(rows + extra, n_boot=50)
+    assert result['in_progress'] == []
+    assert all(g['sizes'] == [32, 64] for g in result['groups'])
+    against = [v for v in result['verdicts'] if 'difference' in v]
+    assert [v['size'] for v in against] == [64]
+    only_base = transfer.report([r for r in rows + extra if r['config']['model']['d_model'] == 32],
+                                n_boot=50)
+    assert not [v for v in only_base['verdicts'] if 'difference' in v]
+
+
 def test_a_size_with_fewer_seeds_or_lrs_some_seeds_lack_is_left_out():
     """The widest size with one seed so far waits for the others; an LR run by one seed only is
     not compared with means over three (it would look better or worse by its seed alone)."""

@@ -1,7 +1,8 @@
 """Step 2 of µTransfer: the tuned base model widened 32 -> 512 under SP and µP, 3 seeds, LR swept.
 
     python -m pretrain.sweep --sweep=configs/sweeps/mutransfer_width.py \
-        --workdir=docs/mutransfer/width_sweep --parallel=2
+        --workdir=docs/mutransfer/width_sweep --parallel=2 \
+        --reuse_from=docs/mutransfer/hidden_init_rule_sweep,docs/depth_transfer/depth_sweep
     python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width
 
 Both parametrizations get the tuned multipliers of configs/sweeps/mutransfer_tuned.py (so the
@@ -38,11 +39,18 @@ EXTRA = {**{('mup', w): [-8, -7] for w in (64, 128, 256, 512)},
 # bottom edge (2^-8) with seeds 0-1.
 EXTRA_LONG = {('sp', 64): [-18, -17]}
 # {(variant, width): [k, ...]}: where a run costs ~10 minutes, seeds 1-2 (and the rest of seed 0)
-# run only the 7 half-octave points around seed 0's optimum instead of the full grid plus extras:
-# µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5, SP's still fell at its lowest point,
-# 2^-11.5. Runs seed 0 made outside these keep their folders under runs/ but leave results.jsonl
-# (it lists this sweep's points); the fit uses only the LRs every seed of a width ran.
-NARROW = {('mup', 512): list(range(-14, -7)), ('sp', 512): list(range(-25, -18))}
+# run only the half-octave points around seed 0's optimum instead of the full grid plus extras:
+# µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5 (7 points, 2^-7 ... 2^-4); SP's seed-0
+# optimum is 2^-11.5, with 2^-12 and 2^-11 0.01 nats above it (5 points, 2^-12.5 ... 2^-10.5: two
+# past it on each side; 2^-10 and 2^-9.5 were 0.05 and 0.11 worse). Runs seed 0 made outside
+# these keep their folders under runs/ but leave results.jsonl (it lists this sweep's points);
+# the fit uses only the LRs every seed of a width ran.
+NARROW = {('mup', 512): list(range(-14, -7)), ('sp', 512): list(range(-25, -20))}
+# Seeds 3-7 of the base model (width 32, its 7-point grid), both names: the base's optimum enters
+# every drift, and single seeds place it anywhere in 1.5 octaves. They are the runs of the same
+# name and seed in the hidden-init sweep (µP) and the depth sweep (SP at the base depth), whose
+# resolved configs equal these, so `--reuse_from` adopts them instead of training them.
+BASE_SEEDS = [3, 4, 5, 6, 7]
 
 
 def _centre(variant: str, width: int) -> int:
@@ -70,6 +78,13 @@ def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
     return out
 
 
+def base_seed_points() -> list[dict]:
+    return [{'parametrization.name': variant, 'model.d_model': common.BASE_WIDTH,
+             'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
+            for seed in BASE_SEEDS for variant in ('mup', 'sp')
+            for k in range(_centre(variant, common.BASE_WIDTH) - 3, _centre(variant, common.BASE_WIDTH) + 4)]
+
+
 def derive(point: dict) -> dict:
     steps = point['train.steps']
     return {**common.shape(point), 'schedule.warmup_steps': steps // 10,
@@ -79,5 +94,6 @@ def derive(point: dict) -> dict:
 def get_sweep() -> Sweep:
     tuned = {k: v for k, v in TUNED.items() if k != 'optim.lr'}
     return Sweep(base='configs/lm_tiny.py',
-                 points=points(WIDTHS, common.STEPS) + points(LONG_WIDTHS, 4 * common.STEPS, EXTRA_LONG),
+                 points=(points(WIDTHS, common.STEPS) + base_seed_points()
+                         + points(LONG_WIDTHS, 4 * common.STEPS, EXTRA_LONG)),
                  fixed={**common.fixed(), **tuned}, derive=derive)

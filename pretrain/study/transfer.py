@@ -255,10 +255,15 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
         # An LR that only some seeds have run would be a mean over fewer seeds than its
         # neighbours (and a different bootstrap); a size whose grid or seeds are still being
         # filled would move the optimum and the common LRs. Both are left out until complete.
-        # A size with fewer seeds than most sizes have (the median) is still being filled; one
-        # with more (a cheap base model given extra seeds) is kept: the bootstrap resamples each
-        # size's own seeds and the paired differences use the seeds both sizes have.
-        usual_seeds = float(np.median([len(g.seeds) for g in group_grids.values()]))
+        # A size with fewer seeds than most sizes have (the median over the sizes other than
+        # the base) is still being filled. The base is left out of that median because it is
+        # the one size given extra seeds (it is cheap and enters every drift): with two sizes,
+        # a base of 8 seeds would otherwise make the other's 3 look unfinished. A base with
+        # more seeds is kept: the bootstrap resamples each size's own seeds and the paired
+        # differences use the seeds both sizes have.
+        base_here = base if base in group_grids else min(group_grids)
+        others = [len(g.seeds) for s, g in group_grids.items() if s != base_here]
+        usual_seeds = float(np.median(others)) if others else len(group_grids[base_here].seeds)
         for size, g in list(group_grids.items()):
             complete = every_seed_ran(g)
             if len(g.seeds) < usual_seeds or len(complete.lrs) < MIN_LRS:
@@ -355,7 +360,7 @@ def _against_tuned_sp(families, groups) -> list[dict[str, Any]]:
         sp = families.get(('sp' + _parts(variant)[1], steps))
         if not mup_like(variant) or sp is None or entry['transferred_lr'] is None:
             continue
-        shared = set(entry['sizes']) & set(sp)
+        shared = set(entry['sizes']) & set(sp) - {entry['base']}   # at the base they coincide
         if not shared:
             continue
         largest = max(shared)

@@ -13,7 +13,8 @@ keeps every other µP rule: the embedding LR times 1 / m and the hidden init tim
 (its runs are adopted from the width sweep) and at width 128 it is the ablation's
 `embedding_lr_and_hidden_init_as_sp` (adopted from the rebased sweep, which ran the same runs).
 In this sweep's folder 'mup' means this modified µP. SP is the width sweep's own runs, adopted
-unchanged, so the report's comparison with tuned SP uses the same SP grids.
+unchanged, so the report's comparison with tuned SP uses the same SP grids; so are the base
+model's seeds 3-7 (`width_sweep.BASE_SEEDS`, both names: at width 32 this is the base model).
 
 Widths 32-256 (three doublings; 512 costs about 10 minutes a run here), 3 seeds, a 5-point
 half-octave grid 2^-7.5 ... 2^-5.5 around the base optimum 2^-5.96 at every width, extended
@@ -46,7 +47,7 @@ def points() -> list[dict]:
         for seed in SEEDS:
             mup += [mup_point(width, seed, k)
                     for width in widths for k in MUP_KS + EXTRA.get(width, [])]
-    return mup + sp
+    return mup + sp + width_sweep.base_seed_points()   # the base model's extra seeds (adopted)
 
 
 def derive(point: dict) -> dict:

@@ -29,20 +29,16 @@ from pretrain.study.sweep import Sweep
 # Half-octave points lr = 2^(k/2) above the grid: at 64 and 128 the optimum sat at or next to the
 # top edge; at 256 the mean loss is flat (within 0.003 nats) from 2^-7 to 2^-5.5, the top edge.
 EXTRA = {64: [-10, -9], 128: [-10, -9], 256: [-10, -9]}
-# More seeds for the base model (width 32, where every µP variant is the same model and a run
-# takes seconds): with 3 seeds its per-seed optima spread over 1.5 octaves (2^-7.05 ... 2^-5.50)
-# and its bootstrap interval dominated the drift's. Seed by seed, so a stopped sweep leaves
-# whole seeds.
-BASE_SEEDS = [3, 4, 5, 6, 7]
-BASE_KS = range(-15, -8)
 
 
 def points() -> list[dict]:
+    # both_rules.points() holds the base model's seeds 3-7 (width 32, where every µP variant is
+    # the same model and a run takes seconds): with 3 seeds its per-seed optima spread over 1.5
+    # octaves (2^-7.05 ... 2^-5.50) and its bootstrap interval dominated the drift's. This sweep
+    # trained their µP runs first; the other width-study sweeps adopt them.
     extra = [both_rules.mup_point(width, seed, k)
              for width, ks in EXTRA.items() for seed in both_rules.SEEDS for k in ks]
-    base = [both_rules.mup_point(common.BASE_WIDTH, seed, k)
-            for seed in BASE_SEEDS for k in BASE_KS]
-    return both_rules.points() + extra + base
+    return both_rules.points() + extra
 
 
 def derive(point: dict) -> dict:

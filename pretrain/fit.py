@@ -1,7 +1,7 @@
 """Scaling-law and schedule-law fits on a finished sweep: fits.json, fit_summary.md and PNGs.
 
     python -m pretrain.fit --sweep_dir=runs/sweep [--bootstrap=200] [--out=DIR] [--overwrite]
-    python -m pretrain.fit --sweep_dir=runs/mutransfer --transfer=width   # µTransfer verdicts
+    python -m pretrain.fit --sweep_dir=runs/mutransfer --transfer=width [--max_size=N]   # µTransfer verdicts
 
 reads `DIR/results.jsonl` (one row per run, as `python -m pretrain.sweep` writes it; the fields
 are listed in `pretrain.study.fit`) and runs every fit the rows allow: the power law in compute,
@@ -33,6 +33,9 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Allow writing into a folder 
                                'results (no runs/ in it).')
 _TRANSFER = flags.DEFINE_enum('transfer', '', ['', 'width', 'depth'],
                               'Compute the µTransfer verdicts along this axis instead of the laws.')
+_MAX_SIZE = flags.DEFINE_integer('max_size', 0, 'With --transfer: fit only the widths (depths) up '
+                                 'to this one, e.g. to compare with a sweep that stopped there '
+                                 '(0: all).', lower_bound=0)
 
 
 def _out_dir(sweep_dir: str) -> str:
@@ -48,12 +51,19 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     logs.quiet_libraries()
+    if _MAX_SIZE.value and not _TRANSFER.value:
+        raise SystemExit(f'--max_size={_MAX_SIZE.value} applies to --transfer fits only')
     try:
         rows = results.load_results(_SWEEP_DIR.value)   # a missing, garbled or empty file: one line
     except ConfigError as e:
         raise SystemExit(f'config error: {e}') from None
     out = _out_dir(_SWEEP_DIR.value)
     if _TRANSFER.value:
+        if _MAX_SIZE.value:
+            try:
+                rows = transfer.up_to(rows, _TRANSFER.value, _MAX_SIZE.value)
+            except ConfigError as e:
+                raise SystemExit(f'config error: {e}') from None
         paths = transfer.write_report(rows, out, _TRANSFER.value,
                                       n_boot=max(_BOOTSTRAP.value, 1) * 10)
     else:

@@ -132,6 +132,11 @@ STUDY_CASES = {
                                        ['results.jsonl:2', 'not a JSON row']),
     'fit on an empty results.jsonl': (['pretrain.fit', '--sweep_dir={tmp}/empty'],
                                       ['results.jsonl', 'empty']),
+    'fit --max_size below every size': (['pretrain.fit', '--sweep_dir=docs/mutransfer/ssm_sweep',
+                                         '--transfer=width', '--max_size=16', '--out={tmp}/sweep'],
+                                        ['--max_size=16', 'widths are [32, 64, 128]']),
+    'fit --max_size without --transfer': (['pretrain.fit', '--sweep_dir={tmp}/garbled',
+                                           '--max_size=64'], ['--max_size=64', '--transfer']),
     'trainer without --config': (['pretrain.train', '--workdir={tmp}/sweep'],
                                  ['--config=FILE', '--workdir=DIR']),
 }

@@ -162,6 +162,14 @@ def test_two_sizes_with_extra_base_seeds_keep_both_and_compare_with_sp_above_the
     assert not [v for v in only_base['verdicts'] if 'difference' in v]
 
 
+def test_max_size_fits_a_sub_range_and_names_the_sizes_when_it_keeps_none():
+    rows = _rows({'mup': 0.0, 'sp': -1.0}, sizes=(32, 64, 128))
+    result = transfer.report(transfer.up_to(rows, 'width', 64), n_boot=50)
+    assert all(g['sizes'] == [32, 64] for g in result['groups'])
+    with pytest.raises(transfer.ConfigError, match=r'--max_size=16 keeps no run.*\[32, 64, 128\]'):
+        transfer.up_to(rows, 'width', 16)
+
+
 def test_a_size_with_fewer_seeds_or_lrs_some_seeds_lack_is_left_out():
     """The widest size with one seed so far waits for the others; an LR run by one seed only is
     not compared with means over three (it would look better or worse by its seed alone)."""

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from pretrain.errors import ConfigError
+
 TRANSFER_GOAL_OCTAVES = 0.5   # |drift over the whole range| the mup-like variants must stay under
 MIN_SEEDS = 2                 # an interval (and so a verdict) needs at least this many seeds
 MIN_LRS = 5                   # a size with fewer LRs run is still in progress: reported, not used
@@ -84,6 +86,16 @@ def _group_of(row: Mapping[str, Any], axis: str) -> tuple[str, int, int]:
     c = row['config']
     size = c['model']['d_model'] if axis == 'width' else c['model']['n_layers']
     return variant_of(c), int(c['train']['steps']), int(size)
+
+
+def up_to(rows: Sequence[Mapping[str, Any]], axis: str, max_size: int) -> list[Mapping[str, Any]]:
+    """The rows of sizes <= max_size: the verdicts over a sub-range (to set a sweep beside one
+    that stopped at a smaller size)."""
+    kept = [r for r in rows if r.get('config') and _group_of(r, axis)[2] <= max_size]
+    if not kept:
+        sizes = sorted({_group_of(r, axis)[2] for r in rows if r.get('config')})
+        raise ConfigError(f'--max_size={max_size} keeps no run: the sweep\'s {axis}s are {sizes}')
+    return kept
 
 
 def grids(rows: Sequence[Mapping[str, Any]], axis: str) -> dict[tuple[str, int, int], Grid]:

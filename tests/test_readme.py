@@ -184,7 +184,7 @@ CHECKS: dict[str, Check] = {
     '--workdir=docs/mutransfer/width_sweep --parallel=2 '
     '--reuse_from=docs/mutransfer/hidden_init_rule_sweep,docs/depth_transfer/depth_sweep': Check(
         'run', 'mutransfer', flags=('--dry_run',), devices=1,
-        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='406 runs'),
+        replace=(('docs/mutransfer/width_sweep', 'runs/width_sweep'),), output='409 runs'),
     'python -m pretrain.fit --sweep_dir=docs/mutransfer/width_sweep --transfer=width': Check(
         'run', 'mutransfer', flags=('--out=runs/transfer', '--bootstrap=1'),
         expect=('runs/transfer/transfer.md', 'runs/transfer/transfer.png')),

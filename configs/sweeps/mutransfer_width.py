@@ -40,12 +40,13 @@ EXTRA = {**{('mup', w): [-8, -7] for w in (64, 128, 256, 512)},
 EXTRA_LONG = {('sp', 64): [-18, -17]}
 # {(variant, width): [k, ...]}: where a run costs ~10 minutes, seeds 1-2 (and the rest of seed 0)
 # run only the half-octave points around seed 0's optimum instead of the full grid plus extras:
-# µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5 (7 points, 2^-7 ... 2^-4); SP's seed-0
+# µP's seed-0 curve at 512 is flat from 2^-6 to 2^-4.5 (8 points, 2^-7 ... 2^-3.5: with seeds 1-2
+# the mean is lowest at 2^-4.5, and 2^-3.5 is the second point past it); SP's seed-0
 # optimum is 2^-11.5, with 2^-12 and 2^-11 0.01 nats above it (5 points, 2^-12.5 ... 2^-10.5: two
 # past it on each side; 2^-10 and 2^-9.5 were 0.05 and 0.11 worse). Runs seed 0 made outside
 # these keep their folders under runs/ but leave results.jsonl (it lists this sweep's points);
 # the fit uses only the LRs every seed of a width ran.
-NARROW = {('mup', 512): list(range(-14, -7)), ('sp', 512): list(range(-25, -20))}
+NARROW = {('mup', 512): list(range(-14, -6)), ('sp', 512): list(range(-25, -20))}
 # Seeds 3-7 of the base model (width 32, its 7-point grid), both names: the base's optimum enters
 # every drift, and single seeds place it anywhere in 1.5 octaves. They are the runs of the same
 # name and seed in the hidden-init sweep (µP) and the depth sweep (SP at the base depth), whose

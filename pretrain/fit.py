@@ -55,15 +55,12 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f'--max_size={_MAX_SIZE.value} applies to --transfer fits only')
     try:
         rows = results.load_results(_SWEEP_DIR.value)   # a missing, garbled or empty file: one line
+        if _MAX_SIZE.value:
+            rows = transfer.up_to(rows, _TRANSFER.value, _MAX_SIZE.value)
     except ConfigError as e:
         raise SystemExit(f'config error: {e}') from None
     out = _out_dir(_SWEEP_DIR.value)
     if _TRANSFER.value:
-        if _MAX_SIZE.value:
-            try:
-                rows = transfer.up_to(rows, _TRANSFER.value, _MAX_SIZE.value)
-            except ConfigError as e:
-                raise SystemExit(f'config error: {e}') from None
         paths = transfer.write_report(rows, out, _TRANSFER.value,
                                       n_boot=max(_BOOTSTRAP.value, 1) * 10)
     else:

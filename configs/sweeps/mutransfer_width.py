@@ -61,12 +61,12 @@ def _centre(variant: str, width: int) -> int:
     return k
 
 
-def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
+def points(widths, steps: int, extra: dict | None = None, seeds=SEEDS) -> list[dict]:
     """The grid of every (seed, width, variant); `extra` adds points beyond EXTRA's."""
     extra = extra or {}
     out = []
     for group in common.cost_groups(widths, 128):   # up to 128: minutes a run
-        for seed in SEEDS:
+        for seed in seeds:
             for width in group:
                 for variant in ('mup', 'sp'):
                     ks = NARROW.get((variant, width)) or sorted(
@@ -80,10 +80,7 @@ def points(widths, steps: int, extra: dict | None = None) -> list[dict]:
 
 
 def base_seed_points() -> list[dict]:
-    return [{'parametrization.name': variant, 'model.d_model': common.BASE_WIDTH,
-             'train.steps': common.STEPS, 'seed': seed, 'optim.lr': 2.0 ** (k / 2)}
-            for seed in BASE_SEEDS for variant in ('mup', 'sp')
-            for k in range(_centre(variant, common.BASE_WIDTH) - 3, _centre(variant, common.BASE_WIDTH) + 4)]
+    return points([common.BASE_WIDTH], common.STEPS, seeds=BASE_SEEDS)
 
 
 def derive(point: dict) -> dict:

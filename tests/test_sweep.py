@@ -325,6 +325,7 @@ def test_run_once_records_then_reuses(base, tmp_path, monkeypatch):
     row = results.run_once(cfg, path)
     assert row['status'] == 'done' and row['steps'] == 4 and row['final_loss_source'] == 'eval'
     assert row['final_loss'] == row['evals'][-1]['loss'] and row['curve'][-1][0] == 4
+    assert re.fullmatch(r'[0-9a-f]{40}(\+modified)?|unknown', row['code_version'])
     assert not os.path.exists(os.path.join(path, 'checkpoints'))   # not kept unless asked
     monkeypatch.setattr(train, 'run', lambda *a, **k: pytest.fail('trained again'))
     assert results.run_once(cfg, path) == results.read_result(path)
@@ -371,8 +372,11 @@ def test_reuse_adopts_finished_runs_of_another_sweep_with_the_same_config(base, 
     opts = runner.SweepOptions(str(sweep_file), workdir, dry_run=True, reuse_from=(str(other),))
     assert runner.run_sweep(opts) == 0          # a dry run adopts nothing
     assert not os.path.exists(os.path.join(workdir, 'runs'))
-    adopted = reuse.adopt(sw, list(runs.values()), workdir, [str(other)], say=lambda s: None)
+    said = []
+    adopted = reuse.adopt(sw, list(runs.values()), workdir, [str(other)], say=said.append)
     assert adopted == [runs[1e-3].name]
+    # It trained before runs recorded their code version: the adoption says so.
+    assert 'trained at code unknown' in said[0] and results.code_version() in said[0]
     row = results.read_result(sweep.run_dir(workdir, runs[1e-3].name))
     assert row['name'] == runs[1e-3].name and row['final_loss'] == 2.5
     assert row['point'] == {'optim.lr': 1e-3} and row['reused_from'].endswith('older_code')

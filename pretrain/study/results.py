@@ -7,10 +7,12 @@ a cluster, or was resumed after a preemption. The sweep runner and the experimen
 record runs through `train_and_record`.
 """
 
+import functools
 import json
 import math
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,6 +23,26 @@ from pretrain.errors import ConfigError, NonFiniteError
 from pretrain.jsonable import jsonable
 
 RESULT = 'result.json'
+
+
+@functools.cache
+def code_version() -> str:
+    """The project's git commit, with '+modified' when tracked code differs from it; 'unknown'
+    outside a git checkout. Recorded per run because equal configs trained on different code
+    agree only up to floating-point chaos (see `pretrain.study.reuse`)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    git = ['git', '-C', root]
+    try:
+        head = subprocess.run(git + ['rev-parse', 'HEAD'], capture_output=True, text=True, timeout=30)
+        # Only the code: a sweep writing its results into docs/ does not change what trains.
+        changed = subprocess.run(git + ['status', '--porcelain', '--untracked-files=no', '--',
+                                        'pretrain', 'model_zoo', 'configs'],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 'unknown'
+    if head.returncode or changed.returncode:
+        return 'unknown'
+    return head.stdout.strip() + ('+modified' if changed.stdout.strip() else '')
 
 
 def is_done(run_path: str) -> bool:
@@ -152,7 +174,7 @@ def summarize(run_path: str, diverged_at: int | None, wall_s: float,
         'steps': steps, 'lr': cfg.optim.lr, 'width': cfg.model.d_model, 'seed': cfg.seed,
         'batch_size': batch, 'scaling_applied': applied,
         'step_time_s': step_times[len(step_times) // 2] if step_times else math.nan,
-        'wall_s': wall_s, 'config': cfg.to_dict(),
+        'wall_s': wall_s, 'code_version': code_version(), 'config': cfg.to_dict(),
     }
 
 

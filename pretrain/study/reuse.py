@@ -9,8 +9,9 @@ order of floating-point operations grows over a thousand steps like a different 
 smaller: at the µTransfer base model, runs adopted from a sweep trained at an earlier commit
 differ from later ones by up to 0.012 nats, against a seed-to-seed spread of 0.016).
 `--reuse_from=DIR,...` adopts such runs instead of training them again: their result.json
-(renamed to this sweep's run, with `reused_from` naming the source), metrics and config are
-copied; checkpoints are not.
+(renamed to this sweep's run, with `reused_from` naming the source and `code_version` the commit
+it trained at), metrics and config are copied; checkpoints are not. Adopting a run trained at
+another commit than the current one says so.
 
 "Equal" compares the flattened resolved configs key by key. A key that only one side has (a
 config option added to the code after the other run trained) must hold the value it has in the
@@ -107,5 +108,8 @@ def adopt(sweep: Sweep, runs: Sequence[Run], workdir: str, dirs: Sequence[str],
                'overrides': spec['overrides'], 'reused_from': os.path.relpath(source, path)}
         results.write_json(os.path.join(path, results.RESULT), row)   # last: marks it done
         adopted.append(run.name)
-        say(f'[sweep] {run.name}: reused from {source}')
+        trained_at, now = row.get('code_version', 'unknown'), results.code_version()
+        say(f'[sweep] {run.name}: reused from {source}' + (
+            '' if trained_at == now else
+            f' (trained at code {trained_at}, this is {now}: equal up to floating-point chaos)'))
     return adopted

@@ -80,6 +80,33 @@ def test_larger_not_better_is_not_met_and_unbracketed_is_not_shown():
     assert [v['verdict'] for v in edge['verdicts'] if v['criterion'].startswith('abs(drift)')] == ['not shown']
 
 
+def _grid_follows(rows, keep):
+    """The rows whose (size, log2 LR) `keep` accepts: a grid that differs per size."""
+    return [r for r in rows if keep(r['config']['model']['d_model'], math.log2(r['point']['optim.lr']))]
+
+
+def test_a_step_whose_sizes_did_not_both_run_the_transferred_lr_is_reported_not_run():
+    """SP's grids follow its optimum down (1 octave per doubling here, 7 half-octave points
+    around it), so width 256 shares no LR near the base's optimum (2^-7) with the base."""
+    sizes = (32, 64, 128, 256)
+    sp = _grid_follows(_rows({'sp': -1.0}, sizes=sizes, ks=range(-24, -9)),
+                       lambda size, x: abs(x - (-7 - math.log2(size / 32))) <= 1.5)
+    result = transfer.report(sp, n_boot=50)
+    group = result['groups'][0]
+    # 2^-7 is run at 32 and 64, 2^-7.5 (half an octave away) also at 128: the latter is chosen.
+    assert group['transferred_lr'] == 2.0 ** -7.5
+    assert [(x['from'], x['to'], x['seeds']) for x in group['larger_is_better']] == [
+        (32, 64, 3), (64, 128, 3), (128, 256, 0)]
+    ladder = [v for v in result['verdicts'] if v['criterion'].startswith('every')][0]
+    assert ladder['verdict'] == 'not met'      # 64 -> 128 is 0.15 worse: one failing step decides
+    assert '| sp | 1000 | 128 -> 256 | not run at both widths | n/a | 0 |' in transfer.markdown(result)
+    # Every measured step better but one not run: undecided.
+    mup = _grid_follows(_rows({'mup': 0.0}, sizes=sizes), lambda size, x: size < 256 or x <= -8)
+    ladder = [v for v in transfer.report(mup, n_boot=50)['verdicts'] if v['criterion'].startswith('every')][0]
+    assert ladder['verdict'] == 'not shown'
+    assert ladder['differences'][-1][:2] == [128, 256] and math.isnan(ladder['differences'][-1][2])
+
+
 def test_completep_is_its_own_variant_and_markdown_renders(tmp_path):
     rows = _rows({'completep': 0.1, 'depth_mup': 0.0})
     result = transfer.report(rows, n_boot=50)

@@ -14,9 +14,11 @@ run; a diverged run counts as an infinite loss. Every number below is computed h
   best one (a diverged LR counts as evaluated);
 - drift: the least-squares slope of log2(optimal LR) against log2(size), in octaves per doubling,
   and over the whole range; a 95% bootstrap interval resamples the seeds of every size;
-- larger-is-better: at the transferred LR (the base size's optimum, snapped to the nearest grid LR
-  run at every size) the loss at each size minus the previous size's, paired by seed, with a 95%
-  t interval;
+- larger-is-better: at the transferred LR (the base size's optimum snapped to a grid LR of the
+  base within half an octave of it: the one run at the most sizes, the nearest among those) the loss at
+  each size minus the previous size's, paired by seed, with a 95% t interval; a step whose two
+  sizes did not both run that LR is reported as not run (SP's grids follow its optimum down, so
+  its widest sizes need not share any LR with the base);
 - at the largest size, mup-like variants at the transferred LR against SP tuned at that size,
   paired by seed;
 - the noise floor: the median over (size, LR) of the standard deviation across seeds.
@@ -208,18 +210,26 @@ def paired_difference(a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, fl
 
 
 def _by_seed(g: Grid, lr: float) -> dict[int, float]:
+    """Each seed's loss at `lr`; empty when this size did not run it."""
+    if lr not in g.lrs:
+        return {}
     j = g.lrs.index(lr)
     return {s: float(g.loss_SL[i, j]) for i, s in enumerate(g.seeds) if not np.isnan(g.loss_SL[i, j])}
 
 
 def transferred_lr(group_grids: Mapping[int, Grid], base: int) -> float | None:
-    """The base size's optimum snapped to the nearest grid LR that every size has run."""
+    """The base size's optimum snapped to one of the base's grid LRs within half an octave of it
+    (on a half-octave grid, the nearest point and perhaps one neighbour): the one the most sizes
+    ran, the nearest among those (where every size ran the LRs near it, simply the nearest)."""
     g = group_grids[base]
     best = optimum(g.lrs, g.mean_over(np.arange(len(g.seeds))))
-    common = set.intersection(*(set(x.lrs) for x in group_grids.values()))
-    if not common or not math.isfinite(best.log2_lr):
+    if not math.isfinite(best.log2_lr):
         return None
-    return min(common, key=lambda lr: abs(math.log2(lr) - best.log2_lr))
+    near = [lr for lr in g.lrs if abs(math.log2(lr) - best.log2_lr) <= 0.5]
+    if not near:
+        return None
+    sizes_running = {lr: sum(lr in x.lrs for x in group_grids.values()) for lr in near}
+    return max(near, key=lambda lr: (sizes_running[lr], -abs(math.log2(lr) - best.log2_lr)))
 
 
 def larger_is_better(group_grids: Mapping[int, Grid], lr: float) -> list[dict[str, Any]]:
@@ -307,8 +317,11 @@ def report(rows: Sequence[Mapping[str, Any]], axis: str = 'width', base: int | N
         out['verdicts'].append({'variant': variant, 'steps': steps, 'criterion': criterion,
                                 'verdict': _verdict(met), 'total_drift': d['total'], 'interval': d['interval']})
         if ladder:
-            complete = all(x['seeds'] >= MIN_SEEDS and math.isfinite(x['interval'][1]) for x in ladder)
-            met = all(x['interval'][1] < 0 for x in ladder) if complete else None
+            # One step whose interval reaches 0 fails "every step"; steps not run (or with too
+            # few seeds) leave a criterion that no measured step fails undecided.
+            measured = [x for x in ladder if x['seeds'] >= MIN_SEEDS and math.isfinite(x['interval'][1])]
+            met = (False if any(x['interval'][1] >= 0 for x in measured) else
+                   True if len(measured) == len(ladder) else None)
             out['verdicts'].append({
                 'variant': variant, 'steps': steps, 'verdict': _verdict(met),
                 'criterion': f'every larger {axis} better at the transferred LR (interval < 0)',
@@ -490,7 +503,8 @@ def markdown(result: Mapping[str, Any]) -> str:
               '| variant | steps | step | mean | 95% interval | seeds |', '|---|---|---|---|---|---|']
     for g in result['groups']:
         for x in g['larger_is_better']:
-            lines.append(f'| {g["variant"]} | {g["steps"]} | {x["from"]} -> {x["to"]} | {x["mean"]:+.4f} | '
+            mean = f'{x["mean"]:+.4f}' if x['seeds'] else f'not run at both {axis}s'
+            lines.append(f'| {g["variant"]} | {g["steps"]} | {x["from"]} -> {x["to"]} | {mean} | '
                          f'{_fmt_interval(x["interval"])} | {x["seeds"]} |')
     if result.get('in_progress'):
         lines += ['', f'In progress, left out until every seed has run at least {MIN_LRS} LRs: '

@@ -15,10 +15,10 @@ run; a diverged run counts as an infinite loss. Every number below is computed h
 - drift: the least-squares slope of log2(optimal LR) against log2(size), in octaves per doubling,
   and over the whole range; a 95% bootstrap interval resamples the seeds of every size;
 - larger-is-better: at the transferred LR (the base size's optimum snapped to a grid LR of the
-  base within half an octave of it: the one run at the most sizes, the nearest among those) the loss at
-  each size minus the previous size's, paired by seed, with a 95% t interval; a step whose two
-  sizes did not both run that LR is reported as not run (SP's grids follow its optimum down, so
-  its widest sizes need not share any LR with the base);
+  base within half an octave of it: the one run at the most sizes, the nearest among those) the
+  loss at each size minus the previous size's, paired by seed, with a 95% t interval; a step
+  whose two sizes did not both run that LR is reported as not run (SP's grids follow its optimum
+  down, so its widest sizes need not share any LR with the base);
 - at the largest size, mup-like variants at the transferred LR against SP tuned at that size,
   paired by seed;
 - the noise floor: the median over (size, LR) of the standard deviation across seeds.

@@ -22,10 +22,11 @@ CENTRE = -17   # half-octaves: 2^-8.5 = 2.8e-3, the tiny configs' LR
 EXTRA = {**{('sp', w): [-12, -11, -10] for w in WIDTHS}, ('mup', 32): [-12, -11, -10]}
 # Seeds after the first: 7 points of seed 0's grid around its fitted optimum (half-octaves -13.2,
 # -15.2, -14.9 for µP at widths 32, 64, 128; -13.2, -11.1, -12.8 for SP), shifted down where the
-# grid ends. The fit uses only the LRs every seed of a width ran. SP at 128 got 2^-8.5 as well:
-# with seeds 0-1 its optimum (2^-7.54) had only one point of these 7 below it.
+# grid ends. The fit uses only the LRs every seed of a width ran. SP at 64 and 128 got 2^-8.5 as
+# well: with seeds 0-1 (128) and 0-2 (64) their optima (2^-7.54, 2^-7.59) had only one point of
+# these 7 below them.
 NARROW = {('mup', 32): range(-16, -9), ('mup', 64): range(-19, -12), ('mup', 128): range(-19, -12),
-          ('sp', 32): range(-16, -9), ('sp', 64): range(-16, -9), ('sp', 128): range(-17, -9)}
+          ('sp', 32): range(-16, -9), ('sp', 64): range(-17, -9), ('sp', 128): range(-17, -9)}
 
 
 def points() -> list[dict]:

@@ -7,8 +7,9 @@
 Three widths, three seeds, the protocol of mutransfer_common.py with 2 Mamba-2 blocks (d_state
 16, head dim 16: the head count grows with width), default multipliers (the transformer's tuned
 ones are not this family's), and a 9-point half-octave LR grid around 2^-8.5 for both
-parametrizations for seed 0; seeds 1 and 2 run the 7 points of that grid around seed 0's optimum
-(the SSM scan makes each run several times a transformer's on a CPU).
+parametrizations for seed 0; seeds 1 and 2 run the 7 points of that grid around seed 0's
+optimum, 8 for SP at 64 and 128 (the SSM scan makes each run several times a transformer's on a
+CPU).
 """
 
 from configs.sweeps import mutransfer_common as common
